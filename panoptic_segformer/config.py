@@ -1,0 +1,83 @@
+"""Config keys of Panoptic SegFormer (defaults follow ../shared/docs/SPEC.md, the official R50 recipe)."""
+from detectron2.config import CfgNode as CN
+
+
+def add_panoptic_segformer_config(cfg):
+    """Add every Panoptic SegFormer hyper-parameter to a Detectron2 config, in place.
+
+    Class counts are not here on purpose: they come from the training dataset's metadata.
+    """
+    m = cfg.MODEL.PANOPTIC_SEGFORMER = CN()
+    m.IN_FEATURES = ["res3", "res4", "res5"]  # backbone maps at strides 8/16/32
+    m.HIDDEN_DIM = 256
+    m.NUM_FEATURE_LEVELS = 4  # the 3 projected maps + one 3x3 stride-2 conv on the last raw map
+    m.NECK_NUM_GROUPS = 32
+    m.SIZE_DIVISIBILITY = 32
+    # deformable encoder and location decoder
+    m.NHEADS = 8
+    m.ENC_LAYERS = 6
+    m.DEC_LAYERS = 6
+    m.DIM_FEEDFORWARD = 1024
+    m.DROPOUT = 0.1
+    m.ENC_N_POINTS = 4
+    m.DEC_N_POINTS = 4
+    m.NUM_QUERIES = 300
+    # mask decoders (operate on the 3 finest levels)
+    m.THING_MASK_DECODER_LAYERS = 4
+    m.STUFF_MASK_DECODER_LAYERS = 6
+    m.MASK_DECODER_MLP_RATIO = 4
+    # losses (SPEC §5)
+    m.CLASS_WEIGHT = 2.0
+    m.BBOX_WEIGHT = 5.0
+    m.GIOU_WEIGHT = 2.0
+    m.MASK_WEIGHT = 2.0  # Dice
+    m.STUFF_CLASS_WEIGHT = 4.0  # focal presence loss of stuff queries (2.0 doubled in the official code)
+    m.FOCAL_ALPHA = 0.25
+    m.FOCAL_GAMMA = 2.0
+    # Hungarian matching of the location decoder
+    m.MATCHER = CN()
+    m.MATCHER.COST_CLASS = 2.0
+    m.MATCHER.COST_BBOX = 5.0
+    m.MATCHER.COST_GIOU = 2.0
+    # second matching, among the selected thing queries, for thing masks
+    m.MASK_MATCHER = CN()
+    m.MASK_MATCHER.COST_CLASS = 4.0
+    m.MASK_MATCHER.COST_BBOX = 5.0
+    m.MASK_MATCHER.COST_GIOU = 2.0
+    m.MASK_MATCHER.COST_DICE = 2.0
+    # inference: mask-wise merging (SPEC §6)
+    m.TEST = CN()
+    m.TEST.PANOPTIC_ON = True
+    m.TEST.INSTANCE_ON = False
+    m.TEST.SEMANTIC_ON = False
+    m.TEST.NUM_THING_CANDIDATES = 100  # top-k (query, class) pairs
+    m.TEST.MASK_THRESHOLD = 0.5  # on the raw (ReLU) mask values
+    m.TEST.THING_SCORE_THRESH = 0.25
+    m.TEST.STUFF_SCORE_THRESH = 0.25
+    m.TEST.THING_OVERLAP_THRESH = 0.4
+    m.TEST.STUFF_OVERLAP_THRESH = 0.2
+
+    # timm backbones (PVTv2, Swin): weights come from a local file, never downloaded
+    cfg.MODEL.TIMM = CN()
+    cfg.MODEL.TIMM.NAME = "pvt_v2_b0"  # a timm model name
+    cfg.MODEL.TIMM.OUT_INDICES = [1, 2, 3]  # stages at strides 8/16/32
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.1
+    cfg.MODEL.TIMM.PRETRAINED = ""  # path to a local timm state dict ("" = random init)
+
+    # data
+    cfg.INPUT.DATASET_MAPPER_NAME = "panoptic_detr"  # or "panoptic_lsj"
+    cfg.INPUT.DETR_CROP = CN()
+    cfg.INPUT.DETR_CROP.ENABLED = True
+    cfg.INPUT.DETR_CROP.PRE_RESIZE_SHORTEST = [400, 500, 600]
+    cfg.INPUT.DETR_CROP.PRE_RESIZE_MAX = 4200
+    cfg.INPUT.DETR_CROP.SIZE = [384, 600]  # RandomCrop "absolute_range"
+    cfg.INPUT.LSJ = CN()
+    cfg.INPUT.LSJ.IMAGE_SIZE = 1024
+    cfg.INPUT.LSJ.MIN_SCALE = 0.1
+    cfg.INPUT.LSJ.MAX_SCALE = 2.0
+
+    # solver (SPEC §7)
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.LR_MULTIPLIER_KEYS = ["backbone", "sampling_offsets", "reference_points"]
+    cfg.SOLVER.LR_MULTIPLIER = 0.1
+    cfg.SOLVER.AMP.PRECISION = "float16"  # or "bfloat16"
