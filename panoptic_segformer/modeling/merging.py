@@ -73,7 +73,7 @@ def mask_wise_merging(
     inside = torch.empty_like(masks[0])  # m · [m > t]
     for mask in masks:
         torch.gt(mask, mask_threshold, out=binary)
-        areas.append(binary.view(torch.uint8).sum(dtype=torch.int32))
+        areas.append(binary.sum(dtype=torch.int32))
         mass.append(torch.mul(mask, binary, out=inside).sum(dtype=torch.float32))
     area, mass = torch.stack(areas), torch.stack(mass)
     quality = mass / (area + 1)
@@ -92,7 +92,7 @@ def mask_wise_merging(
     stuff_segment: Dict[int, int] = {}
     for (i, mask_area, label, thing), score in zip(table, kept_scores):
         free = torch.gt(masks[i], mask_threshold, out=binary).logical_and_(empty)
-        num_free = int(free.view(torch.uint8).sum(dtype=torch.int32))
+        num_free = int(free.sum(dtype=torch.int32))
         overlap_thresh = thing_overlap_thresh if thing else stuff_overlap_thresh
         if (mask_area - num_free) / mask_area > overlap_thresh or num_free == 0:
             continue
