@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Panoptic SegFormer demo: draw predictions on images, a video or a webcam stream.
+
+    python demo/demo.py --config-file configs/R50.yaml --input img.jpg --output out.png \
+        --opts MODEL.WEIGHTS model_final.pth
+
+``--input`` takes files, glob patterns (quote them) and folders (their images, not recursive).
+An input that cannot be read is reported by name and skipped; the run goes on.
+
+Exit status: 0 when every input was processed, 1 when some input could not be read or written,
+2 on a usage error (bad arguments, no input found, no display to show results on).
+"""
+
+import argparse
+import glob
+import importlib.util
+import logging
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import tqdm
+
+if importlib.util.find_spec("panoptic_segformer") is None:  # run from a checkout, not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
+from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
+
+from panoptic_segformer import add_panoptic_segformer_config  # noqa: E402
+from panoptic_segformer.predictor import Predictor  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIEWS = ("panoptic", "instance", "semantic")
+WINDOW_NAME = "Panoptic SegFormer"
+
+logger = logging.getLogger("panoptic_segformer.demo")
+
+
+class UsageError(Exception):
+    """Bad arguments: reported without a traceback, exit status 2."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Panoptic SegFormer demo")
+    parser.add_argument(
+        "--config-file", required=True, metavar="FILE", help="path to a config file"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
+    source.add_argument("--video-input", metavar="FILE", help="a video file")
+    source.add_argument("--webcam", action="store_true", help="read frames from webcam 0")
+    parser.add_argument(
+        "--output",
+        help="folder (or file, for a single input or a video) to write the drawings to; "
+        "without it they are shown in a window",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=None,
+        help="minimum segment score (p * q^2) kept by the mask-wise merging, for things and "
+        "stuff; default: the config's MODEL.PANOPTIC_SEGFORMER.TEST.{THING,STUFF}_SCORE_THRESH",
+    )
+    parser.add_argument(
+        "--view",
+        nargs="+",
+        choices=VIEWS,
+        default=["panoptic"],
+        help="what to draw; with several views each input gives one file per view (_<view> suffix)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1, ... (default: the config's MODEL.DEVICE, or the CPU when it names "
+        "CUDA and no GPU is available)",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow MODEL.WEIGHTS files that need full unpickling (.pkl, custom objects); "
+        "only for files from a trusted source",
+    )
+    parser.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth (must come last)",
+    )
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.device:
+        cfg.MODEL.DEVICE = args.device
+    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but CUDA is not available: running on the CPU"
+        )
+        cfg.MODEL.DEVICE = "cpu"
+    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    if args.confidence_threshold is not None:
+        test.THING_SCORE_THRESH = args.confidence_threshold
+        test.STUFF_SCORE_THRESH = args.confidence_threshold
+    test.PANOPTIC_ON = test.PANOPTIC_ON or "panoptic" in args.view
+    test.INSTANCE_ON = test.INSTANCE_ON or "instance" in args.view
+    test.SEMANTIC_ON = test.SEMANTIC_ON or "semantic" in args.view
+    cfg.freeze()
+    return cfg
+
+
+def instance_score_thresh(cfg) -> float:
+    """Minimum score of the instances drawn by the instance view: the thing merging threshold."""
+    return cfg.MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESH
+
+
+def expand_inputs(patterns):
+    """Files of ``patterns`` (files, globs, folders) in order, without repeats.
+
+    Returns (paths, missing): ``missing`` lists the patterns that name nothing.
+    """
+    paths, missing, seen = [], [], set()
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            found = sorted(
+                os.path.join(pattern, f)
+                for f in os.listdir(pattern)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(pattern, f))
+            )
+        elif glob.has_magic(pattern):
+            found = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+        else:
+            found = [pattern] if os.path.exists(pattern) else []
+        if not found:
+            missing.append(pattern)
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                paths.append(f)
+    return paths, missing
+
+
+def output_paths(inputs, output, views):
+    """For each input, {view: path to write}. ``output`` is a folder, or a file for one input."""
+    as_file = len(inputs) == 1 and os.path.splitext(output)[1] != "" and not os.path.isdir(output)
+    if as_file:
+        if not output.lower().endswith(IMAGE_EXTENSIONS):
+            raise UsageError(
+                f"--output {output}: unsupported image extension ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        stem, ext = os.path.splitext(output)
+        if len(views) == 1:
+            return [{views[0]: output}]
+        return [{v: f"{stem}_{v}{ext}" for v in views}]
+    if os.path.isfile(output):
+        raise UsageError(f"--output {output} is a file, but {len(inputs)} inputs need a folder")
+    used, result = set(), []
+    for path in inputs:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        ext = ext if ext.lower() in IMAGE_EXTENSIONS else ".png"
+        name, k = stem, 1
+        while name in used:  # same file name in different input folders
+            name, k = f"{stem}_{k}", k + 1
+        used.add(name)
+        suffix = (lambda v: "") if len(views) == 1 else (lambda v: f"_{v}")
+        result.append({v: os.path.join(output, f"{name}{suffix(v)}{ext}") for v in views})
+    return result
+
+
+OUTPUT_KEYS = {"panoptic": "panoptic_seg", "instance": "instances", "semantic": "sem_seg"}
+
+
+def _view_output(prediction, view):
+    key = OUTPUT_KEYS[view]
+    if key not in prediction:
+        raise KeyError(f"the model returned no '{key}' for the {view} view")
+    return prediction[key]
+
+
+def draw_image(image_bgr, prediction, view, metadata, score_thresh) -> np.ndarray:
+    """Draw one view of a prediction over an image with Detectron2's Visualizer; returns BGR.
+
+    The instance view draws the instances scoring at least ``score_thresh``.
+    """
+    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+    output = _view_output(prediction, view)
+    if view == "panoptic":
+        vis = visualizer.draw_panoptic_seg(output[0].cpu(), output[1])
+    elif view == "instance":
+        vis = visualizer.draw_instance_predictions(output[output.scores >= score_thresh].to("cpu"))
+    else:
+        vis = visualizer.draw_sem_seg(output.argmax(dim=0).cpu())
+    return vis.get_image()[:, :, ::-1]
+
+
+def draw_frame(visualizer, frame_bgr, prediction, view, score_thresh) -> np.ndarray:
+    """Like ``draw_image`` for a video frame, with a VideoVisualizer (colours kept over time)."""
+    frame = frame_bgr[:, :, ::-1]
+    output = _view_output(prediction, view)
+    if view == "panoptic":
+        vis = visualizer.draw_panoptic_seg_predictions(frame, output[0].cpu(), output[1])
+    elif view == "instance":
+        vis = visualizer.draw_instance_predictions(
+            frame, output[output.scores >= score_thresh].to("cpu")
+        )
+    else:
+        vis = visualizer.draw_sem_seg(frame, output.argmax(dim=0).cpu())
+    return np.ascontiguousarray(vis.get_image()[:, :, ::-1])
+
+
+def show(window, image_bgr, wait_ms) -> bool:
+    """Show an image; returns False when the user pressed ESC."""
+    try:
+        cv2.namedWindow(window, cv2.WINDOW_NORMAL)
+        cv2.imshow(window, image_bgr)
+        return cv2.waitKey(wait_ms) != 27
+    except cv2.error as e:
+        raise UsageError(f"cannot open a window to show results ({e}); pass --output") from e
+
+
+def close_windows():
+    try:
+        cv2.destroyAllWindows()
+    except cv2.error:  # OpenCV without GUI support: no window was opened
+        pass
+
+
+def run_on_images(predictor, paths, args, score_thresh) -> list:
+    """Predict, draw and write/show every image; returns the paths that failed."""
+    targets = output_paths(paths, args.output, args.view) if args.output else None
+    for folder in {
+        os.path.dirname(os.path.abspath(f)) for target in targets or [] for f in target.values()
+    }:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the output folder {folder}: {e}") from e
+    failed = []
+    progress = tqdm.tqdm(total=len(paths), unit="img", disable=args.output is None)
+
+    def flush(batch):
+        start = time.perf_counter()
+        predictions = predictor([img for _, _, img in batch])
+        elapsed = (time.perf_counter() - start) / len(batch)
+        for (index, path, image), prediction in zip(batch, predictions):
+            n = len(prediction["panoptic_seg"][1]) if "panoptic_seg" in prediction else 0
+            logger.info(f"{path}: {n} segments in {elapsed:.2f}s")
+            for view in args.view:
+                drawing = draw_image(image, prediction, view, predictor.metadata, score_thresh)
+                if targets is None:
+                    if not show(WINDOW_NAME, drawing, 0):
+                        return False
+                    continue
+                try:
+                    if not cv2.imwrite(targets[index][view], drawing):
+                        raise OSError("cv2.imwrite returned False")
+                except (OSError, cv2.error) as e:
+                    logger.error(f"cannot write {targets[index][view]} (from {path}): {e}")
+                    if path not in failed:
+                        failed.append(path)
+            progress.update(1)
+        return True
+
+    batch = []
+    for index, path in enumerate(paths):
+        try:
+            image = read_image(path, format="BGR")
+        except Exception as e:  # any decoding problem: report the file by name, go on
+            logger.error(f"cannot read {path}: {type(e).__name__}: {e}")
+            failed.append(path)
+            progress.update(1)
+            continue
+        batch.append((index, path, image))
+        if len(batch) == args.batch_size:
+            keep_going, batch = flush(batch), []
+            if not keep_going:  # ESC in the window
+                break
+    if batch:
+        flush(batch)
+    progress.close()
+    if targets is None:
+        close_windows()
+    return failed
+
+
+def run_on_stream(predictor, capture, name, args, score_thresh) -> bool:
+    """Predict and draw every frame of an opened cv2.VideoCapture; returns True on success."""
+    if len(args.view) != 1:
+        raise UsageError("a video or webcam stream is drawn with a single --view")
+    view = args.view[0]
+    visualizer = VideoVisualizer(predictor.metadata, ColorMode.IMAGE)
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))  # <= 0 for a webcam
+    writer = None
+    if args.output:
+        if os.path.isdir(args.output) or not os.path.splitext(args.output)[1]:
+            os.makedirs(args.output, exist_ok=True)
+            target = os.path.join(args.output, os.path.splitext(os.path.basename(name))[0] + ".mp4")
+        else:
+            target = args.output
+        fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+        size = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
+        writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), size, True)
+        if not writer.isOpened():
+            logger.error(f"cannot open {target} for writing a video")
+            return False
+    progress = tqdm.tqdm(total=total if total > 0 else None, unit="frame")
+
+    def flush(frames):
+        for frame, prediction in zip(frames, predictor(frames, format="BGR")):
+            drawing = draw_frame(visualizer, frame, prediction, view, score_thresh)
+            if writer is not None:
+                writer.write(drawing)
+            elif not show(name, drawing, 1):
+                return False
+            progress.update(1)
+        return True
+
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if ok:
+            frames.append(frame)
+        if frames and (len(frames) == args.batch_size or not ok):
+            if not flush(frames):  # ESC
+                break
+            frames = []
+        if not ok:
+            break
+    progress.close()
+    if writer is not None:
+        writer.release()
+    return True
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="fvcore")
+    setup_logger(name="detectron2")
+    setup_logger(name="panoptic_segformer")
+    logger.info(f"Arguments: {args}")
+    try:
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.input:
+            paths, missing = expand_inputs(args.input)
+            for pattern in missing:
+                logger.error(f"no input file found for {pattern}")
+            if not paths:
+                raise UsageError("no input image found")
+            cfg = setup_cfg(args)
+            predictor = Predictor(
+                cfg, batch_size=args.batch_size, trust_checkpoint=args.trust_checkpoint
+            )
+            failed = missing + run_on_images(predictor, paths, args, instance_score_thresh(cfg))
+            if failed:
+                logger.error(f"{len(failed)} input(s) failed: {', '.join(failed)}")
+            return 1 if failed else 0
+        name = args.video_input or "webcam"
+        capture = cv2.VideoCapture(args.video_input if args.video_input else 0)
+        if not capture.isOpened():
+            logger.error(f"cannot open {name}")
+            return 1
+        cfg = setup_cfg(args)
+        predictor = Predictor(
+            cfg, batch_size=args.batch_size, trust_checkpoint=args.trust_checkpoint
+        )
+        try:
+            return (
+                0
+                if run_on_stream(predictor, capture, name, args, instance_score_thresh(cfg))
+                else 1
+            )
+        finally:
+            capture.release()
+            if args.output is None:
+                close_windows()
+    except UsageError as e:
+        logger.error(str(e))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

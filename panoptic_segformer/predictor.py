@@ -1,0 +1,219 @@
+"""Batched inference: load a config and its weights once, then predict on numpy images.
+
+``Predictor`` is the programmatic entry point used by ``demo/demo.py``. Unlike Detectron2's
+``DefaultPredictor`` it takes a list of images and runs them through the model ``batch_size`` at
+a time; every image is resized to the test scale (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``) and
+its outputs come back at its original size, in Detectron2's format (``panoptic_seg``, optionally
+``instances`` and ``sem_seg``).
+"""
+
+import logging
+import os
+import pickle
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+import detectron2.data.transforms as T
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+
+__all__ = ["Predictor", "SafeCheckpointer", "load_weights"]
+
+logger = logging.getLogger(__name__)
+
+ImageArray = np.ndarray  # (H, W, 3) uint8
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """A ``DetectionCheckpointer`` that unpickles with ``torch.load(weights_only=True)``.
+
+    Checkpoints written by Detectron2's trainer (``model_*.pth``) hold only tensors, numbers and
+    plain containers, so they load safely. A file that needs arbitrary unpickling (a ``.pkl`` or a
+    ``.pth`` with custom objects) is refused with an error unless ``trust_pickle=True``.
+    After ``load``, ``incompatible`` holds the missing / unexpected keys of the model state dict.
+    """
+
+    def __init__(self, model: nn.Module, *, trust_pickle: bool = False):
+        super().__init__(model)
+        self.trust_pickle = trust_pickle
+        self.incompatible = None
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl") and not self.trust_pickle:
+            raise RuntimeError(
+                f"refusing to unpickle {filename}: a .pkl file can run arbitrary code when loaded. "
+                "Load it only if you trust its source (Predictor(..., trust_checkpoint=True), "
+                "demo: --trust-checkpoint), or convert it to a .pth state dict."
+            )
+        return super()._load_file(filename)
+
+    def _torch_load(self, f):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if not self.trust_pickle:
+                raise RuntimeError(
+                    f"{f} holds objects that torch.load(weights_only=True) refuses ({e}). Load it "
+                    "only if you trust its source (Predictor(..., trust_checkpoint=True), demo: "
+                    "--trust-checkpoint), or re-save its 'model' state dict alone."
+                ) from e
+            return torch.load(f, map_location="cpu", weights_only=False)
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def load_weights(model: nn.Module, weights: str, *, trust_pickle: bool = False) -> None:
+    """Load ``weights`` (a path or URL, "" = keep the random init) into ``model``, with warnings.
+
+    Warns loudly when ``weights`` is empty or when the checkpoint leaves parameters of the model
+    uninitialised (e.g. an ImageNet backbone file given as MODEL.WEIGHTS): such a model gives
+    meaningless predictions.
+    """
+    if not weights:
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model keeps its RANDOM initialisation and its predictions "
+            "are meaningless. Real use needs trained weights (MODEL.WEIGHTS /path/to/model.pth)."
+        )
+        return
+    if "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {weights}")
+    checkpointer = SafeCheckpointer(model, trust_pickle=trust_pickle)
+    checkpointer.load(weights)
+    missing = checkpointer.incompatible.missing_keys if checkpointer.incompatible else []
+    if missing:
+        n_params = len(model.state_dict())
+        logger.warning(
+            f"{len(missing)} of {n_params} model tensors are not in {weights} and keep their random "
+            f"initialisation (first: {missing[0]}); predictions will not be meaningful."
+        )
+
+
+class Predictor:
+    """Run a Panoptic SegFormer model (or any Detectron2 model) on numpy images, in batches.
+
+    Build it from a config, ``Predictor(cfg, batch_size=2)``, which builds the model, loads
+    ``cfg.MODEL.WEIGHTS`` once and puts the model in eval mode on ``cfg.MODEL.DEVICE``; or from
+    parts, ``Predictor(model=m, metadata=md, min_size_test=800, max_size_test=1333)``.
+
+    Call it with a list of (H, W, 3) uint8 arrays (BGR by default, as ``cv2.imread`` gives) or
+    with one array; it returns one output dict per image (a dict for a single array):
+
+    - ``"panoptic_seg"``: ``(id_map int32 (H, W), segments_info)`` with ``id``, ``category_id``
+      (contiguous), ``isthing`` and ``score`` per segment; id 0 is void;
+    - ``"instances"`` / ``"sem_seg"`` when the model's config enables them.
+
+    Outputs stay on the model's device and are at each image's original (H, W).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        metadata,
+        min_size_test: int,
+        max_size_test: int,
+        model_input_format: str = "RGB",
+        batch_size: int = 1,
+    ):
+        """
+        Args:
+            model: a Detectron2 model in eval mode, taking a list of dicts with "image" (uint8
+                (3, H, W) in ``model_input_format``), "height" and "width".
+            metadata: the dataset ``Metadata`` of the model's contiguous ids, used to draw the
+                outputs (from a config: that of DATASETS.TRAIN[0], else DATASETS.TEST[0]).
+            min_size_test, max_size_test: test-time ResizeShortestEdge; 0 = no resizing.
+            model_input_format: "RGB" or "BGR", the channel order the model expects.
+            batch_size: images per forward pass.
+        """
+        if model_input_format not in ("RGB", "BGR"):
+            raise ValueError(
+                f"model_input_format must be 'RGB' or 'BGR', got {model_input_format!r}"
+            )
+        self.model = model
+        self.metadata = metadata
+        self.model_input_format = model_input_format
+        self.batch_size = _check_batch_size(batch_size)
+        self.aug = T.ResizeShortestEdge([min_size_test, min_size_test], max_size_test)
+
+    @classmethod
+    def from_config(cls, cfg, *, batch_size: int = 1, trust_checkpoint: bool = False):
+        # registers the project's datasets (the package itself registers the model)
+        from . import data  # noqa: F401
+
+        cfg = cfg.clone()
+        model = build_model(cfg)
+        model.eval()
+        load_weights(model, cfg.MODEL.WEIGHTS, trust_pickle=trust_checkpoint)
+        # the training set's metadata defines the model's contiguous ids (and so the drawing)
+        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+        return {
+            "model": model,
+            "metadata": MetadataCatalog.get(names[0] if names else "__unused"),
+            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+            "model_input_format": cfg.INPUT.FORMAT,
+            "batch_size": batch_size,
+        }
+
+    def __call__(
+        self,
+        images: Union[ImageArray, Sequence[ImageArray]],
+        *,
+        format: str = "BGR",
+        batch_size: Optional[int] = None,
+    ) -> Union[Dict, List[Dict]]:
+        """
+        Args:
+            images: one (H, W, 3) uint8 array, or a sequence of them (sizes may differ), or an
+                (N, H, W, 3) array.
+            format: channel order of ``images``, "BGR" (OpenCV) or "RGB" (PIL).
+            batch_size: overrides the predictor's batch size for this call.
+
+        Returns:
+            a list of output dicts, one per image in order; a single dict for a single (H, W, 3)
+            array.
+        """
+        if format not in ("RGB", "BGR"):
+            raise ValueError(f"format must be 'RGB' or 'BGR', got {format!r}")
+        single = isinstance(images, np.ndarray) and images.ndim == 3
+        if single:
+            images = [images]
+        batch_size = self.batch_size if batch_size is None else _check_batch_size(batch_size)
+        inputs = [self._preprocess(img, i, format) for i, img in enumerate(images)]
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                outputs.extend(self.model(inputs[start : start + batch_size]))
+        return outputs[0] if single else outputs
+
+    def _preprocess(self, image, index: int, format: str) -> Dict:
+        if not isinstance(image, np.ndarray):
+            raise TypeError(f"images[{index}] is a {type(image).__name__}; expected a numpy array")
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"images[{index}] has shape {tuple(image.shape)}; expected (H, W, 3) color images"
+            )
+        if image.dtype != np.uint8:
+            raise TypeError(f"images[{index}] has dtype {image.dtype}; expected uint8 (0-255)")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"images[{index}] is empty: shape {tuple(image.shape)}")
+        if format != self.model_input_format:
+            image = image[:, :, ::-1]
+        height, width = image.shape[:2]
+        resized = self.aug.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": tensor, "height": height, "width": width}
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
