@@ -1,0 +1,485 @@
+"""``PanopticSegFormer``: the Detectron2 meta-architecture (backbone, neck, head, criterion, merging).
+
+Padding invariance (SPEC deviation (g)): an image gives the same result alone and inside a padded
+batch. Convolutional backbones are not padding-invariant, so the backbone runs on groups of
+images that share the same padded-to-``size_divisibility`` size (one call in the common case)
+and the resulting maps are zero-padded to the batch size. Every later stage is padding-aware
+through per-level masks computed from the valid sizes, never by interpolating a mask
+(the neck's GroupNorm uses valid pixels only, attentions mask padded tokens, the mask decoders
+never read padded tokens inside the valid area).
+
+The forward pass is split into stages that can be timed from outside:
+:meth:`_backbone_features`, :meth:`_encode` (neck + encoder), :meth:`_locate`,
+:meth:`_decode_masks` and :meth:`_merge`.
+"""
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+
+from .criterion import PanopticSegFormerCriterion
+from .head import PanopticSegFormerHead
+from .merging import mask_wise_merging
+from .neck import ChannelMapper
+
+__all__ = ["PanopticSegFormer", "thing_stuff_ids_from_metadata"]
+
+# exact candidate pre-filter slack against float rounding of bilinear resizing (see _merge)
+_PREFILTER_SLACK = 1e-4
+
+
+def thing_stuff_ids_from_metadata(metadata) -> Tuple[List[int], List[int]]:
+    """Contiguous ids of the thing and the stuff classes, each sorted ascending.
+
+    Thing index i (the location decoder's class i) is contiguous id ``thing_ids[i]``; stuff
+    query k is contiguous id ``stuff_ids[k]``. The stuff map may also list the thing ids (as in
+    Mask2Former's metadata, where it covers every class); those are not stuff.
+    """
+    thing_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    stuff_map = getattr(metadata, "stuff_dataset_id_to_contiguous_id", None)
+    if not thing_map:
+        raise ValueError(f"metadata {metadata.name!r} has no thing_dataset_id_to_contiguous_id")
+    if not stuff_map:
+        raise ValueError(f"metadata {metadata.name!r} has no stuff_dataset_id_to_contiguous_id")
+    thing_ids = sorted(set(thing_map.values()))
+    stuff_ids = sorted(set(stuff_map.values()) - set(thing_ids))
+    return thing_ids, stuff_ids
+
+
+@META_ARCH_REGISTRY.register()
+class PanopticSegFormer(nn.Module):
+    """Panoptic SegFormer (Li et al., CVPR 2022).
+
+    Input: a list of dicts with "image" (C, h, w) tensor in ``cfg.INPUT.FORMAT`` (0-255), optional
+    "height"/"width" (output size) and, for training, "instances" with ``gt_classes``
+    (contiguous ids, things and stuff), ``gt_masks`` (G, h, w) and optionally ``gt_boxes``.
+
+    Output (inference): one dict per image with "panoptic_seg" = (int32 (height, width) id map,
+    segments_info) and, behind flags, "instances" and "sem_seg" (see :meth:`_postprocess`).
+    Output (training): a dict of weighted scalar losses.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        neck: nn.Module,
+        head: PanopticSegFormerHead,
+        criterion: nn.Module,
+        in_features: Sequence[str],
+        thing_ids: Sequence[int],
+        stuff_ids: Sequence[int],
+        size_divisibility: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        num_thing_candidates: int = 100,
+        mask_threshold: float = 0.5,
+        thing_score_thresh: float = 0.25,
+        stuff_score_thresh: float = 0.25,
+        thing_overlap_thresh: float = 0.4,
+        stuff_overlap_thresh: float = 0.2,
+        panoptic_on: bool = True,
+        instance_on: bool = False,
+        semantic_on: bool = False,
+    ):
+        """
+        Args:
+            thing_ids / stuff_ids: contiguous dataset id of each thing / stuff class index.
+            size_divisibility: images are padded to a multiple of it; must be a multiple of
+                the largest backbone stride.
+            num_thing_candidates: top-k (query, class) pairs kept at inference (SPEC §6).
+            the thresholds: mask-wise merging (SPEC §6, :func:`mask_wise_merging`).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.criterion = criterion
+        self.in_features = list(in_features)
+        shapes = backbone.output_shape()
+        missing = [f for f in self.in_features if f not in shapes]
+        if missing:
+            raise ValueError(f"backbone does not output {missing}; it has {sorted(shapes)}")
+        self.backbone_strides = [shapes[f].stride for f in self.in_features]
+        if size_divisibility <= 0 or size_divisibility % max(self.backbone_strides):
+            raise ValueError(
+                f"size_divisibility ({size_divisibility}) must be a positive multiple of the largest "
+                f"backbone stride ({max(self.backbone_strides)})"
+            )
+        self.size_divisibility = size_divisibility
+        if len(thing_ids) != head.num_thing_classes or len(stuff_ids) != head.num_stuff_classes:
+            raise ValueError(
+                f"{len(thing_ids)} thing / {len(stuff_ids)} stuff ids for a head with "
+                f"{head.num_thing_classes} / {head.num_stuff_classes} classes"
+            )
+        if set(thing_ids) & set(stuff_ids):
+            raise ValueError(f"contiguous ids are both thing and stuff: {sorted(set(thing_ids) & set(stuff_ids))}")
+        self.num_classes = max(list(thing_ids) + list(stuff_ids)) + 1
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_buffer("thing_ids", torch.as_tensor(thing_ids, dtype=torch.long), False)
+        self.register_buffer("stuff_ids", torch.as_tensor(stuff_ids, dtype=torch.long), False)
+        # contiguous id -> index among things (>= 0) or stuff (encoded as -1 - index); invalid ids
+        # are caught by the is-known table
+        class_index = torch.zeros(self.num_classes, dtype=torch.long)
+        known = torch.zeros(self.num_classes, dtype=torch.bool)
+        class_index[self.thing_ids] = torch.arange(len(thing_ids))
+        class_index[self.stuff_ids] = -1 - torch.arange(len(stuff_ids))
+        known[self.thing_ids] = True
+        known[self.stuff_ids] = True
+        self.register_buffer("_class_index", class_index, False)
+        self.register_buffer("_class_known", known, False)
+
+        self.num_thing_candidates = num_thing_candidates
+        self.mask_threshold = mask_threshold
+        self.merge_kwargs = dict(
+            mask_threshold=mask_threshold,
+            thing_score_thresh=thing_score_thresh,
+            stuff_score_thresh=stuff_score_thresh,
+            thing_overlap_thresh=thing_overlap_thresh,
+            stuff_overlap_thresh=stuff_overlap_thresh,
+        )
+        self.panoptic_on = panoptic_on
+        self.instance_on = instance_on
+        self.semantic_on = semantic_on
+
+    @classmethod
+    def from_config(cls, cfg):
+        m = cfg.MODEL.PANOPTIC_SEGFORMER
+        metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+        thing_ids, stuff_ids = thing_stuff_ids_from_metadata(metadata)
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        neck = ChannelMapper(
+            [shapes[f].channels for f in m.IN_FEATURES],
+            out_channels=m.HIDDEN_DIM,
+            num_extra_levels=m.NUM_FEATURE_LEVELS - len(m.IN_FEATURES),
+            num_groups=m.NECK_NUM_GROUPS,
+        )
+        head = PanopticSegFormerHead(cfg, num_thing_classes=len(thing_ids), num_stuff_classes=len(stuff_ids))
+        criterion = PanopticSegFormerCriterion(cfg)
+        t = m.TEST
+        return {
+            "backbone": backbone,
+            "neck": neck,
+            "head": head,
+            "criterion": criterion,
+            "in_features": m.IN_FEATURES,
+            "thing_ids": thing_ids,
+            "stuff_ids": stuff_ids,
+            "size_divisibility": max(m.SIZE_DIVISIBILITY, backbone.size_divisibility),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "num_thing_candidates": t.NUM_THING_CANDIDATES,
+            "mask_threshold": t.MASK_THRESHOLD,
+            "thing_score_thresh": t.THING_SCORE_THRESH,
+            "stuff_score_thresh": t.STUFF_SCORE_THRESH,
+            "thing_overlap_thresh": t.THING_OVERLAP_THRESH,
+            "stuff_overlap_thresh": t.STUFF_OVERLAP_THRESH,
+            "panoptic_on": t.PANOPTIC_ON,
+            "instance_on": t.INSTANCE_ON,
+            "semantic_on": t.SEMANTIC_ON,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        images, image_sizes, batch_size = self.preprocess_image(batched_inputs)
+        features = self._backbone_features(images, image_sizes, batch_size)
+        enc = self._encode(features, image_sizes)
+        loc = self._locate(enc)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, image_sizes, batch_size)
+            return self._losses(loc, enc, targets)
+        return self._inference(loc, enc, batched_inputs, image_sizes)
+
+    def preprocess_image(self, batched_inputs: List[Dict]):
+        """Normalise every image; return them unpadded, their sizes and the padded batch size (H, W)."""
+        if not batched_inputs:
+            raise ValueError("batched_inputs is empty")
+        images = []
+        for i, x in enumerate(batched_inputs):
+            img = x["image"]
+            if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
+                raise ValueError(f"image {i} must be ({self.pixel_mean.shape[0]}, h, w), got {tuple(img.shape)}")
+            images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
+        image_sizes = [tuple(img.shape[-2:]) for img in images]
+        d = self.size_divisibility
+        batch_size = (
+            max(_ceil_to(h, d) for h, _ in image_sizes),
+            max(_ceil_to(w, d) for _, w in image_sizes),
+        )
+        return images, image_sizes, batch_size
+
+    def _backbone_features(self, images, image_sizes, batch_size) -> List[torch.Tensor]:
+        """Backbone maps ``in_features`` as a list of (B, C_l, H / s_l, W / s_l) for the padded batch (H, W).
+
+        Images sharing the same padded size run together; maps of smaller groups are zero-padded.
+        """
+        d = self.size_divisibility
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, (h, w) in enumerate(image_sizes):
+            groups.setdefault((_ceil_to(h, d), _ceil_to(w, d)), []).append(i)
+        per_group, order = [], []
+        for (gh, gw), idx in groups.items():
+            x = ImageList.from_tensors([images[i] for i in idx], d).tensor
+            feats = self.backbone(x)
+            maps = []
+            for f, s in zip(self.in_features, self.backbone_strides):
+                y = feats[f]
+                if tuple(y.shape[-2:]) != (gh // s, gw // s):
+                    raise RuntimeError(
+                        f"backbone feature {f!r} (stride {s}) of a {gh}x{gw} input has size "
+                        f"{tuple(y.shape[-2:])}, expected {(gh // s, gw // s)}"
+                    )
+                maps.append(F.pad(y, (0, batch_size[1] // s - y.shape[-1], 0, batch_size[0] // s - y.shape[-2])))
+            per_group.append(maps)
+            order.extend(idx)
+        if len(per_group) == 1:
+            return per_group[0]
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.as_tensor(order)] = torch.arange(len(order))
+        inverse = inverse.to(self.device)
+        return [torch.cat(level, 0)[inverse] for level in zip(*per_group)]
+
+    def level_masks(self, image_sizes, level_shapes) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Padding masks of every level from the valid image sizes (interface D).
+
+        Args:
+            image_sizes: B valid (h, w) of the input images.
+            level_shapes: L padded (H_l, W_l); the strides of the levels are the backbone
+                strides followed by successive doublings (extra levels).
+
+        Returns:
+            masks: L bool (B, H_l, W_l), True = padding.
+            valid_sizes: (B, L, 2) int64 valid (h_l, w_l) = (ceil(h / s_l), ceil(w / s_l)).
+        """
+        strides = list(self.backbone_strides)
+        while len(strides) < len(level_shapes):
+            strides.append(strides[-1] * 2)
+        valid = torch.as_tensor(
+            [[(math.ceil(h / s), math.ceil(w / s)) for s in strides] for h, w in image_sizes],
+            dtype=torch.long,
+            device=self.device,
+        )
+        masks = []
+        for lvl, (hl, wl) in enumerate(level_shapes):
+            rows = torch.arange(hl, device=self.device)
+            cols = torch.arange(wl, device=self.device)
+            pad_rows = rows[None, :, None] >= valid[:, lvl, 0, None, None]
+            pad_cols = cols[None, None, :] >= valid[:, lvl, 1, None, None]
+            masks.append(pad_rows | pad_cols)
+        return masks, valid
+
+    def _encode(self, features: List[torch.Tensor], image_sizes) -> Dict:
+        """Neck + positional encoding + deformable encoder; see :meth:`PanopticSegFormerHead.encode`."""
+        level_shapes = [tuple(f.shape[-2:]) for f in features]
+        while len(level_shapes) < self.head.num_levels:
+            h, w = level_shapes[-1]
+            level_shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+        masks, valid_sizes = self.level_masks(image_sizes, level_shapes)
+        feats = self.neck(features, masks)
+        return self.head.encode(feats, masks, valid_sizes)
+
+    def _locate(self, enc: Dict) -> Dict:
+        return self.head.locate(enc)
+
+    def _decode_masks(self, thing_queries, thing_query_mask, enc) -> Dict:
+        return self.head.decode_masks(thing_queries, thing_query_mask, enc)
+
+    # ------------------------------------------------------------------ training
+    def prepare_targets(self, batched_inputs, image_sizes, batch_size) -> List[Dict]:
+        """Criterion targets (interface I) from each input's "instances".
+
+        Things: labels (index among things), boxes (cx, cy, w, h) / valid image size, masks
+        (G, H, W) float padded to the batch. Stuff: one target per stuff class present (several
+        segments of the same stuff class are merged), stuff_labels and stuff_masks.
+        """
+        targets = []
+        for i, (x, (h, w)) in enumerate(zip(batched_inputs, image_sizes)):
+            if "instances" not in x:
+                raise ValueError(f"training input {i} has no 'instances'")
+            inst = x["instances"].to(self.device)
+            classes = inst.gt_classes.long()
+            in_range = (classes >= 0) & (classes < self.num_classes)
+            if not (in_range & self._class_known[classes.clamp(0, self.num_classes - 1)]).all():
+                raise ValueError(
+                    f"input {i}: gt_classes {classes.tolist()} contain ids that are neither thing nor stuff"
+                )
+            gt_masks = inst.gt_masks.tensor if isinstance(inst.gt_masks, BitMasks) else inst.gt_masks
+            if tuple(gt_masks.shape[-2:]) != (h, w):
+                raise ValueError(
+                    f"input {i}: gt_masks of size {tuple(gt_masks.shape[-2:])} for an image of size {(h, w)}"
+                )
+            masks = F.pad(gt_masks.float(), (0, batch_size[1] - w, 0, batch_size[0] - h))
+            index = self._class_index[classes]
+            is_thing = index >= 0
+            if inst.has("gt_boxes"):
+                boxes = inst.gt_boxes.tensor.float()
+            else:
+                boxes = BitMasks(gt_masks.bool()).get_bounding_boxes().tensor.to(self.device)
+            boxes = boxes[is_thing]
+            scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=self.device)
+            boxes_cxcywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1) / scale
+            stuff_index = -1 - index[~is_thing]
+            stuff_labels, inverse = torch.unique(stuff_index, sorted=True, return_inverse=True)
+            # union of the segments of each stuff class
+            stuff_masks = masks.new_zeros(len(stuff_labels), *batch_size).index_add_(0, inverse, masks[~is_thing])
+            stuff_masks = stuff_masks.clamp_(max=1.0)
+            targets.append(
+                {
+                    "labels": index[is_thing],
+                    "boxes": boxes_cxcywh,
+                    "masks": masks[is_thing],
+                    "stuff_labels": stuff_labels,
+                    "stuff_masks": stuff_masks,
+                }
+            )
+        return targets
+
+    def _losses(self, loc: Dict, enc: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
+        losses, indices = self.criterion.location_losses(loc["pred_logits"], loc["pred_boxes"], targets)
+        # matched queries of each image, ascending, padded to (B, Nmax) (SPEC §5.2)
+        hidden = loc["hidden"]
+        b, _, c = hidden.shape
+        selected = [torch.sort(pred_idx.to(self.device)).values for pred_idx, _ in indices]
+        # at least one (padded) row, so the thing decoder stays in the graph when no image has things
+        n_max = max(1, max(len(s) for s in selected))
+        thing_query_mask = torch.ones(b, n_max, dtype=torch.bool, device=self.device)
+        gather_idx = torch.zeros(b, n_max, dtype=torch.long, device=self.device)
+        for i, s in enumerate(selected):
+            gather_idx[i, : len(s)] = s
+            thing_query_mask[i, : len(s)] = False
+        thing_queries = hidden.gather(1, gather_idx[..., None].expand(-1, -1, c))
+        thing_queries = thing_queries.masked_fill(thing_query_mask[..., None], 0.0)
+        last_logits, last_boxes = loc["pred_logits"][-1], loc["pred_boxes"][-1]
+        selected_logits = last_logits.gather(1, gather_idx[..., None].expand(-1, -1, last_logits.shape[-1]))
+        selected_boxes = last_boxes.gather(1, gather_idx[..., None].expand(-1, -1, 4))
+        out = self._decode_masks(thing_queries, thing_query_mask, enc)
+        losses.update(
+            self.criterion.mask_losses(
+                out["thing_out"], thing_query_mask, selected_logits, selected_boxes,
+                out["stuff_out"], out["stuff_logits"], targets,
+            )
+        )
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    def _inference(self, loc: Dict, enc: Dict, batched_inputs, image_sizes) -> List[Dict]:
+        """Top-k thing candidates + all stuff queries through the mask decoders, then per-image merging."""
+        logits = loc["pred_logits"][-1]  # (B, Q, K_th)
+        b, _, k_th = logits.shape
+        scores = logits.sigmoid().flatten(1)  # (B, Q * K_th)
+        k = min(self.num_thing_candidates, scores.shape[1])
+        top_scores, top_idx = scores.topk(k, dim=1)  # (B, k), descending
+        query_idx, thing_labels = top_idx // k_th, top_idx % k_th
+        hidden = loc["hidden"]
+        thing_queries = hidden.gather(1, query_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        thing_boxes = loc["pred_boxes"][-1].gather(1, query_idx[..., None].expand(-1, -1, 4))
+        out = self._decode_masks(thing_queries, None, enc)
+        thing_masks = out["thing_out"]["masks"]  # (B, k, H8, W8)
+        stuff_masks = out["stuff_out"]["masks"]  # (B, K_st, H8, W8)
+        stuff_probs = out["stuff_logits"][-1].sigmoid()  # (B, K_st)
+        s0 = self.backbone_strides[0]  # the mask decoders' stride
+        results = []
+        for i, x in enumerate(batched_inputs):
+            h, w = image_sizes[i]
+            h8, w8 = math.ceil(h / s0), math.ceil(w / s0)
+            height, width = x.get("height", h), x.get("width", w)
+            results.append(
+                self._postprocess(
+                    torch.cat([thing_masks[i], stuff_masks[i]])[:, :h8, :w8],
+                    torch.cat([self.thing_ids[thing_labels[i]], self.stuff_ids]),
+                    torch.cat([top_scores[i], stuff_probs[i]]),
+                    k,
+                    thing_boxes[i],
+                    (height, width),
+                )
+            )
+        return results
+
+    def _postprocess(self, masks, labels, probs, num_things, thing_boxes, out_size) -> Dict:
+        """Outputs of one image.
+
+        Args:
+            masks: (N, h8, w8) raw tail masks cropped to the valid stride-8 area; the first
+                ``num_things`` are thing candidates, the rest stuff queries.
+            labels: (N,) contiguous ids; probs: (N,) class probabilities.
+            thing_boxes: (num_things, 4) normalised (cx, cy, w, h) of the valid image.
+            out_size: (height, width) of the output.
+
+        Returns:
+            "panoptic_seg": (int32 (height, width), segments_info) from :func:`mask_wise_merging`;
+            "instances" (flag): the thing candidates with pred_masks (mask > threshold),
+            pred_boxes rescaled to out_size, scores p * q**2 (SPEC §6 step 7) and pred_classes;
+            "sem_seg" (flag): (num_classes, height, width), for class c the max over its
+            candidates of p * clamp(mask, 0, 1), computed at stride 8 and resized bilinearly.
+        """
+        is_thing = torch.arange(len(labels), device=masks.device) < num_things
+        result = {}
+        if self.panoptic_on:
+            result["panoptic_seg"] = self._merge(masks, labels, probs, is_thing, out_size)
+        if self.instance_on:
+            tm = _resize(masks[:num_things], out_size)
+            binary = tm > self.mask_threshold
+            quality = (tm * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1)
+            inst = Instances(out_size)
+            inst.pred_masks = binary
+            height, width = out_size
+            cx, cy, bw, bh = thing_boxes.unbind(-1)
+            xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+            inst.pred_boxes = Boxes(xyxy * torch.tensor([width, height, width, height], device=xyxy.device))
+            inst.pred_boxes.clip(out_size)
+            inst.scores = probs[:num_things] * quality**2
+            inst.pred_classes = labels[:num_things]
+            result["instances"] = inst
+        if self.semantic_on:
+            weighted = probs[:, None, None] * masks.clamp(0, 1)  # (N, h8, w8)
+            sem = weighted.new_zeros(self.num_classes, *masks.shape[-2:])
+            sem.scatter_reduce_(0, labels[:, None, None].expand_as(weighted), weighted, "amax")
+            result["sem_seg"] = _resize(sem, out_size)
+        return result
+
+    def _merge(self, masks, labels, probs, is_thing, out_size):
+        """Mask-wise merging (SPEC §6) at the output size.
+
+        Candidates that cannot pass are dropped before resizing, which leaves the result
+        unchanged: bilinear resizing is a convex combination, so a resized mask never exceeds the
+        max m of its stride-8 map; its quality q is below m, so its score p * q**2 is below p * m**2
+        and its area is empty when m <= mask_threshold.
+
+        Args:
+            masks: (N, h8, w8) raw masks of the valid stride-8 area; labels, probs, is_thing: (N,).
+            out_size: (height, width) of the id map.
+        """
+        peak = masks.flatten(1).amax(1) if masks.numel() else masks.new_zeros(len(masks))
+        thresh = torch.where(
+            is_thing, self.merge_kwargs["thing_score_thresh"], self.merge_kwargs["stuff_score_thresh"]
+        )
+        keep = (peak > self.mask_threshold) & (probs * peak.square() * (1 + _PREFILTER_SLACK) >= thresh)
+        keep = keep.nonzero().squeeze(1)
+        return mask_wise_merging(
+            _resize(masks[keep], out_size), labels[keep], probs[keep], is_thing[keep], **self.merge_kwargs
+        )
+
+
+def _ceil_to(x: int, d: int) -> int:
+    return (x + d - 1) // d * d
+
+
+def _resize(masks: torch.Tensor, size) -> torch.Tensor:
+    """(N, h, w) -> (N, *size), bilinear, align_corners=False; empty N allowed."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros(0, *size)
+    return F.interpolate(masks[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
