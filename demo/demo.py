@@ -21,19 +21,17 @@ import time
 
 import cv2
 import numpy as np
-import torch
 import tqdm
 
 if importlib.util.find_spec("panoptic_segformer") is None:  # run from a checkout, not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
-from panoptic_segformer import add_panoptic_segformer_config  # noqa: E402
+from panoptic_segformer.config import get_panoptic_segformer_cfg  # noqa: E402
 from panoptic_segformer.predictor import Predictor  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -97,17 +95,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if args.device:
-        cfg.MODEL.DEVICE = args.device
-    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(
-            f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but CUDA is not available: running on the CPU"
-        )
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_panoptic_segformer_cfg(args.config_file, args.opts, args.device)
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     if args.confidence_threshold is not None:
         test.THING_SCORE_THRESH = args.confidence_threshold

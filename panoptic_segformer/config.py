@@ -1,5 +1,13 @@
 """Config keys of Panoptic SegFormer (defaults follow ../shared/docs/SPEC.md, the official R50 recipe)."""
+import logging
+from typing import Optional, Sequence
+
+import torch
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+logger = logging.getLogger(__name__)
 
 
 def add_panoptic_segformer_config(cfg):
@@ -81,3 +89,27 @@ def add_panoptic_segformer_config(cfg):
     cfg.SOLVER.LR_MULTIPLIER_KEYS = ["backbone", "sampling_offsets", "reference_points"]
     cfg.SOLVER.LR_MULTIPLIER = 0.1
     cfg.SOLVER.AMP.PRECISION = "float16"  # or "bfloat16"
+
+
+def get_panoptic_segformer_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None) -> CN:
+    """A Detectron2 config with the Panoptic SegFormer keys, ``config_file`` and then ``opts`` merged.
+
+    Args:
+        config_file: YAML file to merge.
+        opts: "KEY VALUE" pairs merged last, as a flat list (e.g. ``["MODEL.WEIGHTS", "x.pth"]``).
+        device: overrides MODEL.DEVICE when given. Otherwise a CUDA MODEL.DEVICE falls back to
+            "cpu", with a warning, when CUDA is not available.
+
+    Returns:
+        the config, not frozen (callers may still set keys).
+    """
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if device:
+        cfg.MODEL.DEVICE = device
+    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but CUDA is not available: running on the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg

@@ -198,6 +198,9 @@ def test_balance_ratios_and_clamping():
     assert PanopticSegFormerCriterion.balance_ratios(t, "cpu") == (5.0, 1.0, 5 / 6, 1 / 6)
     none = [{"labels": torch.zeros(0, dtype=torch.int64), "stuff_labels": torch.zeros(0, dtype=torch.int64)}]
     assert PanopticSegFormerCriterion.balance_ratios(none, "cpu") == (1.0, 1.0, 0.5, 0.5)
+    # a dataset without stuff classes has no stuff keys: thing losses keep their full weight
+    things_only = [{"labels": torch.zeros(3, dtype=torch.int64)}, {"labels": torch.zeros(0, dtype=torch.int64)}]
+    assert PanopticSegFormerCriterion.balance_ratios(things_only, "cpu") == (3.0, 1.0, 1.0, 0.0)
 
 
 def test_counts_are_averaged_over_processes(monkeypatch):
@@ -323,5 +326,5 @@ def test_padded_size_not_a_multiple_of_8_stays_aligned():
         {"masks": masks, "aux_masks": []}, torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1, 1, 1),
         torch.tensor([[[0.33, 0.33, 0.66, 0.66]]]), None, [], targets,
     )
-    # n_th = 1, n_st = clamp(0) = 1 -> r_th = 0.5; constant 1 over 16 px against 4 GT px
-    assert losses["loss_mask_things"].item() == pytest.approx(2.0 * 0.5 * (1 - 8 / (16 + 4 + 2 * EPS)), rel=1e-6)
+    # no stuff keys (dataset without stuff) -> r_th = 1; constant 1 over 16 px against 4 GT px
+    assert losses["loss_mask_things"].item() == pytest.approx(2.0 * (1 - 8 / (16 + 4 + 2 * EPS)), rel=1e-6)

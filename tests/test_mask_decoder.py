@@ -251,11 +251,22 @@ def test_from_config():
     assert len(stuff.blocks) == 6 and stuff.blocks[0].self_attn
 
 
-def test_no_queries():
-    """A batch without thing queries gives empty masks and still a (zero) gradient everywhere."""
-    dec = _decoder(num_layers=2, dtype=torch.float32)
+@pytest.mark.parametrize("self_attn", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_no_queries(self_attn, padded):
+    """A batch without queries gives empty (B, 0, H_0, W_0) masks and still a (zero) gradient
+    everywhere, with and without padding (edge replication gathers an empty channel dim)."""
+    dec = _decoder(num_layers=2, self_attn=self_attn, dtype=torch.float32).train()
     _, _, memory, shapes = _inputs([(4, 4), (2, 2), (1, 1)], dtype=torch.float32)
-    out = dec(torch.zeros(2, 0, C), None, memory, shapes, shapes[None].expand(2, 3, 2))
+    valid_sizes, mem_mask, q_mask = shapes[None].expand(2, 3, 2), None, None
+    if padded:
+        valid_sizes = torch.tensor([[[4, 4], [2, 2], [1, 1]], [[3, 2], [2, 1], [1, 1]]])
+        mem_mask = torch.zeros(2, memory.shape[1], dtype=torch.bool)
+        mem_mask[1, :16] = ((torch.arange(4)[:, None] >= 3) | (torch.arange(4)[None, :] >= 2)).flatten()
+        q_mask = torch.zeros(2, 0, dtype=torch.bool)
+    pos = torch.zeros(2, 0, C) if self_attn else None
+    out = dec(torch.zeros(2, 0, C), pos, memory, shapes, valid_sizes, mem_mask, q_mask)
     assert out["masks"].shape == (2, 0, 4, 4) and out["aux_queries"][0].shape == (2, 0, C)
+    assert [tuple(m.shape) for m in out["aux_masks"]] == [(2, 0, 4, 4)] * 2
     (out["masks"].sum() + sum(m.sum() for m in out["aux_masks"])).backward()
     assert all(p.grad is not None and torch.all(p.grad == 0) for p in dec.parameters())

@@ -145,13 +145,40 @@ def test_metadata_split_and_head_sizes():
     meta = MetadataCatalog.get("psf_test_all_in_stuff")
     meta.set(thing_dataset_id_to_contiguous_id={5: 0}, stuff_dataset_id_to_contiguous_id={5: 0, 7: 1, 9: 2})
     assert thing_stuff_ids_from_metadata(meta) == ([0], [1, 2])
-    with pytest.raises(ValueError, match="thing_dataset_id_to_contiguous_id"):
+    with pytest.raises(ValueError, match="no thing classes"):
         thing_stuff_ids_from_metadata(MetadataCatalog.get("psf_test_no_metadata"))
+    stuff_only = MetadataCatalog.get("psf_test_stuff_only")
+    stuff_only.set(thing_dataset_id_to_contiguous_id={}, stuff_dataset_id_to_contiguous_id={3: 0, 4: 1})
+    with pytest.raises(ValueError, match="'psf_test_stuff_only' has no thing classes"):
+        thing_stuff_ids_from_metadata(stuff_only)
+    # no (or an empty) stuff map: a things-only dataset
+    things_only = MetadataCatalog.get("psf_test_things_only_split")
+    things_only.set(thing_dataset_id_to_contiguous_id={5: 1, 3: 0})
+    assert thing_stuff_ids_from_metadata(things_only) == ([0, 1], [])
 
     model = build(small_cfg())
     assert model.head.location_decoder.class_heads[0].out_features == 3
     assert model.head.stuff_queries.weight.shape == (2, 128)
     assert model.thing_ids.tolist() == TOY_THING_IDS and model.stuff_ids.tolist() == TOY_STUFF_IDS
+
+
+def test_separated_metadata_is_rejected():
+    """Detectron2's "separated" metadata gives stuff its own id space with a "things" class 0."""
+    import detectron2.data.datasets  # noqa: F401  (registers the builtin metadata)
+    from detectron2.data import MetadataCatalog
+
+    from panoptic_segformer.modeling.meta_arch import thing_stuff_ids_from_metadata
+
+    match = "coco_2017_train_panoptic, not coco_2017_train_panoptic_separated"
+    with pytest.raises(ValueError, match=match):
+        thing_stuff_ids_from_metadata(MetadataCatalog.get("coco_2017_train_panoptic_separated"))
+    standard = thing_stuff_ids_from_metadata(MetadataCatalog.get("coco_2017_train_panoptic"))
+    assert [len(ids) for ids in standard] == [80, 53]
+    # by hand: contiguous 0 is stuff dataset id 0 ("things") but thing dataset id 5
+    meta = MetadataCatalog.get("psf_test_separated_by_hand")
+    meta.set(thing_dataset_id_to_contiguous_id={5: 0, 6: 1}, stuff_dataset_id_to_contiguous_id={0: 0, 9: 1})
+    with pytest.raises(ValueError, match="contiguous id 0 is stuff dataset id 0 but thing dataset id 5"):
+        thing_stuff_ids_from_metadata(meta)
 
 
 def test_level_masks_by_hand():
@@ -401,3 +428,41 @@ def test_three_things_two_stuff_trains_and_infers():
     check_panoptic(out, 64, 96, TOY_THING_IDS, TOY_STUFF_IDS)
     cats = {(s["category_id"], s["isthing"]) for s in out["panoptic_seg"][1]}
     assert cats and all((c in TOY_THING_IDS) == isthing for c, isthing in cats)
+
+
+THINGS_ONLY = "psf_test_toy_things_only"
+
+
+def test_things_only_dataset_trains_and_infers():
+    """No stuff map in the metadata: no stuff branch is built, thing losses get their full weight
+    (r_th = 1), one training step reaches every parameter and inference paints things only."""
+    from detectron2.data import MetadataCatalog
+
+    MetadataCatalog.get(THINGS_ONLY).set(thing_dataset_id_to_contiguous_id={11: 0, 13: 1, 15: 2})
+    cfg = small_cfg()
+    cfg.DATASETS.TRAIN = (THINGS_ONLY,)
+    model = build(cfg).train()
+    assert model.head.num_stuff_classes == 0 and model.stuff_ids.numel() == 0
+    assert not any(n.startswith("head.stuff") for n, _ in model.named_parameters())
+    x = synthetic_input(64, 96)
+    x["instances"] = x["instances"][:3]  # the 3 things
+    x["instances"].gt_classes = torch.tensor([0, 1, 2])
+    losses = model([x])
+    keys = {f.format(l=l) for f in LOSS_KEYS_FMT for l in range(2)}
+    assert set(losses) == keys | {"loss_mask_things", "loss_mask_things_d0", "loss_mask_things_d1"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    targets = model.prepare_targets([x], [(64, 96)], (64, 96))
+    assert set(targets[0]) == {"labels", "boxes", "masks"}
+    assert model.criterion.balance_ratios(targets, "cpu")[2:] == (1.0, 0.0)
+
+    model.eval()
+    permissive(model)
+    model.semantic_on = model.instance_on = True
+    with torch.no_grad():
+        (out,) = model([synthetic_input(64, 96, with_targets=False)])
+    check_panoptic(out, 64, 96, [0, 1, 2], [])
+    assert out["panoptic_seg"][1] and all(s["isthing"] for s in out["panoptic_seg"][1])
+    assert out["sem_seg"].shape == (3, 64, 96) and len(out["instances"]) == 10  # NUM_THING_CANDIDATES

@@ -42,13 +42,12 @@ import torch
 if importlib.util.find_spec("panoptic_segformer") is None:  # run from a checkout, not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import panoptic_segformer.data  # noqa: E402,F401  (registers the project's datasets)
-from panoptic_segformer import add_panoptic_segformer_config  # noqa: E402
+from panoptic_segformer.config import get_panoptic_segformer_cfg  # noqa: E402
 from panoptic_segformer.predictor import load_weights  # noqa: E402
 
 # (label, method of the meta-architecture), in execution order
@@ -87,23 +86,6 @@ def get_parser() -> argparse.ArgumentParser:
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ..."
     )
     return parser
-
-
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if args.device:
-        cfg.MODEL.DEVICE = args.device
-    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        print(
-            f"MODEL.DEVICE is {cfg.MODEL.DEVICE} but CUDA is not available: running on the CPU",
-            file=sys.stderr,
-        )
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
 
 
 def make_inputs(args, input_format):
@@ -323,7 +305,8 @@ def main(argv=None) -> int:
     setup_logger(name="panoptic_segformer")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args)
+    cfg = get_panoptic_segformer_cfg(args.config_file, args.opts, args.device)
+    cfg.freeze()
     torch.manual_seed(args.seed)  # random weights decide how many segments reach the merging
     model = build_model(cfg)
     model.eval()

@@ -64,7 +64,8 @@ class PanopticSegFormerCriterion(nn.Module):
         "labels": (G,) int64 thing class in [0, K_th); "boxes": (G, 4) cxcywh normalised by the
         valid image size; "masks": (G, Hp, Wp) float {0, 1} padded to the batch's padded size;
         "stuff_labels": (G_st,) int64 stuff class in [0, K_st), each class at most once;
-        "stuff_masks": (G_st, Hp, Wp) float. The two stuff keys may be absent (no stuff).
+        "stuff_masks": (G_st, Hp, Wp) float. The two stuff keys are absent for a dataset
+        without stuff classes (then r_th = 1).
     """
 
     @configurable
@@ -149,8 +150,11 @@ class PanopticSegFormerCriterion(nn.Module):
 
     @classmethod
     def balance_ratios(cls, targets: Sequence[Dict[str, Tensor]], device: torch.device):
-        """(n_th, n_st, r_th, r_st) of SPEC §5.5."""
+        """(n_th, n_st, r_th, r_st) of SPEC §5.5; (n_th, 1, 1, 0) when no target has stuff keys
+        (a dataset without stuff classes), so thing losses keep their full weight."""
         n_th, n_st = cls.num_targets(targets, device)
+        if not any("stuff_labels" in t for t in targets):
+            return n_th, n_st, 1.0, 0.0
         return n_th, n_st, n_th / (n_th + n_st), n_st / (n_th + n_st)
 
     # ------------------------------------------------------------------ step 1

@@ -60,8 +60,8 @@ class PanopticSegFormerHead(nn.Module):
         super().__init__()
         if num_thing_classes < 1:
             raise ValueError(f"num_thing_classes must be >= 1, got {num_thing_classes}")
-        if num_stuff_classes < 1:
-            raise ValueError(f"num_stuff_classes must be >= 1, got {num_stuff_classes}")
+        if num_stuff_classes < 0:
+            raise ValueError(f"num_stuff_classes must be >= 0, got {num_stuff_classes}")
         if num_levels < NUM_MASK_LEVELS:
             raise ValueError(f"num_levels must be >= {NUM_MASK_LEVELS} (mask decoders read 3 levels), got {num_levels}")
         if hidden_dim % 2:
@@ -97,19 +97,20 @@ class PanopticSegFormerHead(nn.Module):
             thing_mask_layers, d_model=hidden_dim, n_heads=nheads, self_attn=False,
             mlp_ratio=mask_mlp_ratio, n_levels=NUM_MASK_LEVELS,
         )
-        self.stuff_mask_decoder = MaskDecoder(
-            stuff_mask_layers, d_model=hidden_dim, n_heads=nheads, self_attn=True,
-            mlp_ratio=mask_mlp_ratio, n_levels=NUM_MASK_LEVELS,
-        )
-        # first half = content, second half = positional (the reverse of the thing queries, SPEC §2)
-        self.stuff_queries = nn.Embedding(num_stuff_classes, 2 * hidden_dim)
-        self.stuff_class_heads = nn.ModuleList(nn.Linear(hidden_dim, 1) for _ in range(stuff_mask_layers))
+        if num_stuff_classes:  # a dataset without stuff classes has no stuff branch at all
+            self.stuff_mask_decoder = MaskDecoder(
+                stuff_mask_layers, d_model=hidden_dim, n_heads=nheads, self_attn=True,
+                mlp_ratio=mask_mlp_ratio, n_levels=NUM_MASK_LEVELS,
+            )
+            # first half = content, second half = positional (the reverse of the thing queries, SPEC §2)
+            self.stuff_queries = nn.Embedding(num_stuff_classes, 2 * hidden_dim)
+            self.stuff_class_heads = nn.ModuleList(nn.Linear(hidden_dim, 1) for _ in range(stuff_mask_layers))
         self._reset_parameters()
 
     def _reset_parameters(self):
         nn.init.normal_(self.level_embeds)
         prior_bias = -math.log((1 - 0.01) / 0.01)
-        for head in self.stuff_class_heads:
+        for head in self.stuff_class_heads if self.num_stuff_classes else ():
             nn.init.constant_(head.bias, prior_bias)
 
     @classmethod
@@ -200,7 +201,8 @@ class PanopticSegFormerHead(nn.Module):
         Returns:
             dict with thing_out and stuff_out (the :class:`MaskDecoder` outputs: masks
             (B, N|K_st, H8, W8), aux_masks, aux_queries) and stuff_logits, a list of one
-            (B, K_st) presence logit per stuff block (SPEC §4.5).
+            (B, K_st) presence logit per stuff block (SPEC §4.5). Without stuff classes
+            (K_st = 0) stuff_out is None and stuff_logits is empty.
         """
         n3 = enc["num_mask_tokens"]
         memory = enc["memory"][:, :n3]
@@ -210,6 +212,8 @@ class PanopticSegFormerHead(nn.Module):
         thing_out = self.thing_mask_decoder(
             thing_queries, None, memory, spatial_shapes, valid_sizes, memory_padding_mask, thing_query_mask
         )
+        if not self.num_stuff_classes:
+            return {"thing_out": thing_out, "stuff_out": None, "stuff_logits": []}
         b = memory.shape[0]
         content, pos = self.stuff_queries.weight.unsqueeze(0).expand(b, -1, -1).split(self.hidden_dim, dim=-1)
         stuff_out = self.stuff_mask_decoder(

@@ -39,15 +39,38 @@ def thing_stuff_ids_from_metadata(metadata) -> Tuple[List[int], List[int]]:
     """Contiguous ids of the thing and the stuff classes, each sorted ascending.
 
     Thing index i (the location decoder's class i) is contiguous id ``thing_ids[i]``; stuff
-    query k is contiguous id ``stuff_ids[k]``. The stuff map may also list the thing ids (as in
-    Mask2Former's metadata, where it covers every class); those are not stuff.
+    query k is contiguous id ``stuff_ids[k]``. Things and stuff share one contiguous id space, as
+    in Detectron2's standard panoptic metadata (e.g. ``coco_2017_train_panoptic``): the stuff ids
+    are the stuff map's contiguous ids minus the thing ids, because the stuff map may also list
+    the thing classes (as in Mask2Former's metadata, where it covers every class). A dataset
+    without ``stuff_dataset_id_to_contiguous_id`` (or with an empty one) has no stuff classes.
+
+    Raises:
+        ValueError: no thing class (the location decoder needs at least one), or Detectron2's
+            "separated" metadata (``*_panoptic_separated``), whose stuff map has its own id space
+            with an extra "things" class: there a contiguous id of the stuff map belongs to a
+            different dataset class than the same contiguous id of the thing map.
     """
     thing_map = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-    stuff_map = getattr(metadata, "stuff_dataset_id_to_contiguous_id", None)
+    stuff_map = getattr(metadata, "stuff_dataset_id_to_contiguous_id", None) or {}
     if not thing_map:
-        raise ValueError(f"metadata {metadata.name!r} has no thing_dataset_id_to_contiguous_id")
-    if not stuff_map:
-        raise ValueError(f"metadata {metadata.name!r} has no stuff_dataset_id_to_contiguous_id")
+        raise ValueError(
+            f"metadata {metadata.name!r} has no thing classes (thing_dataset_id_to_contiguous_id is "
+            "missing or empty); Panoptic SegFormer needs at least one thing class"
+        )
+    thing_by_contiguous = {c: d for d, c in thing_map.items()}
+    clashes = sorted(
+        (d, c) for d, c in stuff_map.items() if c in thing_by_contiguous and thing_by_contiguous[c] != d
+    )
+    if clashes:
+        d, c = clashes[0]
+        raise ValueError(
+            f"metadata {metadata.name!r}: contiguous id {c} is stuff dataset id {d} but thing dataset id "
+            f"{thing_by_contiguous[c]}; things and stuff must share one contiguous id space. This is "
+            "Detectron2's 'separated' panoptic metadata (stuff ids with an extra 'things' class 0): use "
+            "the standard panoptic datasets instead (e.g. coco_2017_train_panoptic, not "
+            "coco_2017_train_panoptic_separated)"
+        )
     thing_ids = sorted(set(thing_map.values()))
     stuff_ids = sorted(set(stuff_map.values()) - set(thing_ids))
     return thing_ids, stuff_ids
@@ -304,7 +327,8 @@ class PanopticSegFormer(nn.Module):
 
         Things: labels (index among things), boxes (cx, cy, w, h) / valid image size, masks
         (G, H, W) float padded to the batch. Stuff: one target per stuff class present (several
-        segments of the same stuff class are merged), stuff_labels and stuff_masks.
+        segments of the same stuff class are merged), stuff_labels and stuff_masks, absent when
+        the dataset has no stuff classes.
         """
         targets = []
         for i, (x, (h, w)) in enumerate(zip(batched_inputs, image_sizes)):
@@ -337,15 +361,10 @@ class PanopticSegFormer(nn.Module):
             # union of the segments of each stuff class
             stuff_masks = masks.new_zeros(len(stuff_labels), *batch_size).index_add_(0, inverse, masks[~is_thing])
             stuff_masks = stuff_masks.clamp_(max=1.0)
-            targets.append(
-                {
-                    "labels": index[is_thing],
-                    "boxes": boxes_cxcywh,
-                    "masks": masks[is_thing],
-                    "stuff_labels": stuff_labels,
-                    "stuff_masks": stuff_masks,
-                }
-            )
+            target = {"labels": index[is_thing], "boxes": boxes_cxcywh, "masks": masks[is_thing]}
+            if len(self.stuff_ids):  # no stuff keys at all for a dataset without stuff classes
+                target.update(stuff_labels=stuff_labels, stuff_masks=stuff_masks)
+            targets.append(target)
         return targets
 
     def _losses(self, loc: Dict, enc: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -354,8 +373,8 @@ class PanopticSegFormer(nn.Module):
         hidden = loc["hidden"]
         b, _, c = hidden.shape
         selected = [torch.sort(pred_idx.to(self.device)).values for pred_idx, _ in indices]
-        # at least one (padded) row, so the thing decoder stays in the graph when no image has things
-        n_max = max(1, max(len(s) for s in selected))
+        # N = 0 when no image has things: the thing decoder still runs (empty masks) and stays in the graph
+        n_max = max(len(s) for s in selected)
         thing_query_mask = torch.ones(b, n_max, dtype=torch.bool, device=self.device)
         gather_idx = torch.zeros(b, n_max, dtype=torch.long, device=self.device)
         for i, s in enumerate(selected):
@@ -389,8 +408,12 @@ class PanopticSegFormer(nn.Module):
         thing_boxes = loc["pred_boxes"][-1].gather(1, query_idx[..., None].expand(-1, -1, 4))
         out = self._decode_masks(thing_queries, None, enc)
         thing_masks = out["thing_out"]["masks"]  # (B, k, H8, W8)
-        stuff_masks = out["stuff_out"]["masks"]  # (B, K_st, H8, W8)
-        stuff_probs = out["stuff_logits"][-1].sigmoid()  # (B, K_st)
+        if out["stuff_out"] is None:  # no stuff classes
+            stuff_masks = thing_masks.new_zeros(b, 0, *thing_masks.shape[-2:])
+            stuff_probs = top_scores.new_zeros(b, 0)
+        else:
+            stuff_masks = out["stuff_out"]["masks"]  # (B, K_st, H8, W8)
+            stuff_probs = out["stuff_logits"][-1].sigmoid()  # (B, K_st)
         s0 = self.backbone_strides[0]  # the mask decoders' stride
         results = []
         for i, x in enumerate(batched_inputs):
