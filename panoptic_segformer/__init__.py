@@ -8,6 +8,6 @@ import importlib.util
 __all__ = []
 if importlib.util.find_spec("detectron2") is not None:
     from . import modeling  # noqa: F401  (registers the meta-arch and the timm backbones)
-    from .config import add_panoptic_segformer_config
+    from .config import add_panoptic_segformer_config, get_panoptic_segformer_cfg
 
-    __all__ = ["add_panoptic_segformer_config"]
+    __all__ = ["add_panoptic_segformer_config", "get_panoptic_segformer_cfg"]
