@@ -1,0 +1,45 @@
+"""Data: panoptic dataset registration, the toy dataset and the training mapper.
+
+Importing this package registers
+
+* ``toy_panoptic_train`` / ``toy_panoptic_val``, generated into ``$PSF_TOY_ROOT`` or
+  ``~/.cache/panoptic_segformer/toy`` on first load;
+* ``coco_panoptic_sample`` (2 COCO val2017 images) when the folder ``$PSF_COCO_SAMPLE`` (default
+  ``../shared/data/coco_panoptic_sample`` beside the repository) exists.
+"""
+import os
+from .datasets import (
+    load_panoptic_json,
+    panoptic_metadata_from_categories,
+    register_coco_panoptic_sample,
+    register_panoptic_dataset,
+)
+from .panoptic_dataset_mapper import (
+    PanopticDatasetMapper,
+    RandomChoiceAugmentation,
+    build_detr_augmentation,
+    build_lsj_augmentation,
+)
+from .toy_dataset import TOY_CATEGORIES, default_toy_root, register_toy_panoptic
+
+register_toy_panoptic()
+_COCO_SAMPLE = os.environ.get(
+    "PSF_COCO_SAMPLE",
+    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "coco_panoptic_sample"),
+)
+if os.path.isdir(_COCO_SAMPLE):
+    register_coco_panoptic_sample(os.path.normpath(_COCO_SAMPLE))
+
+__all__ = [
+    "PanopticDatasetMapper",
+    "RandomChoiceAugmentation",
+    "TOY_CATEGORIES",
+    "build_detr_augmentation",
+    "build_lsj_augmentation",
+    "default_toy_root",
+    "load_panoptic_json",
+    "panoptic_metadata_from_categories",
+    "register_coco_panoptic_sample",
+    "register_panoptic_dataset",
+    "register_toy_panoptic",
+]

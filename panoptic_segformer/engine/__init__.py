@@ -1,0 +1,19 @@
+"""Training and evaluation pieces used by ``train_net.py``."""
+from .amp import AutocastTrainer, amp_dtype
+from .evaluation import PanopticCOCOEvaluator, PanopticSemSegEvaluator, build_evaluator
+from .optimizer import add_full_model_gradient_clipping, build_optimizer, get_param_groups
+from .train_loop import build_train_loader, build_train_loop, wrap_ddp
+
+__all__ = [
+    "AutocastTrainer",
+    "PanopticCOCOEvaluator",
+    "PanopticSemSegEvaluator",
+    "add_full_model_gradient_clipping",
+    "amp_dtype",
+    "build_evaluator",
+    "build_optimizer",
+    "build_train_loader",
+    "build_train_loop",
+    "get_param_groups",
+    "wrap_ddp",
+]

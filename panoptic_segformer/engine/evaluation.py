@@ -1,0 +1,89 @@
+"""Evaluators for Panoptic SegFormer outputs on COCO-format panoptic datasets."""
+import os
+from typing import Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+
+__all__ = ["PanopticCOCOEvaluator", "PanopticSemSegEvaluator", "build_evaluator"]
+
+
+class PanopticCOCOEvaluator(COCOEvaluator):
+    """COCOEvaluator (mask/box AP of the things) for standard panoptic metadata.
+
+    The standard metadata's ``thing_classes`` lists every category (things and stuff), while the
+    COCO instances json holds the things only; the per-category AP table is therefore labelled
+    with the thing names alone, in contiguous-id order.
+    """
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if class_names is not None:
+            thing_ids = sorted(self._metadata.thing_dataset_id_to_contiguous_id.values())
+            class_names = [class_names[i] for i in thing_ids]
+        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+
+
+class PanopticSemSegEvaluator(SemSegEvaluator):
+    """SemSegEvaluator over ALL panoptic categories (things and stuff).
+
+    With Detectron2's standard panoptic metadata ``stuff_dataset_id_to_contiguous_id`` holds the
+    stuff categories only, so the stock evaluator fails to encode a predicted thing label. Here
+    the contiguous → dataset id map is the union of the thing and stuff maps. ``stuff_classes``
+    already lists every category name (standard metadata rule).
+    """
+
+    def __init__(self, dataset_name: str, **kwargs):
+        super().__init__(dataset_name, **kwargs)
+        meta = MetadataCatalog.get(dataset_name)
+        joint = {**meta.thing_dataset_id_to_contiguous_id, **meta.stuff_dataset_id_to_contiguous_id}
+        if sorted(joint.values()) != list(range(len(meta.stuff_classes))):
+            raise ValueError(
+                f"{dataset_name}: thing+stuff contiguous ids must cover [0, {len(meta.stuff_classes)}) "
+                "(standard panoptic metadata)"
+            )
+        self._contiguous_id_to_dataset_id = {v: k for k, v in joint.items()}
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None):
+    """Evaluators for ``dataset_name``, by its metadata ``evaluator_type`` and the switches
+    ``MODEL.PANOPTIC_SEGFORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``.
+
+    For ``coco_panoptic_seg``: COCOPanopticEvaluator (PQ), plus COCOEvaluator (mask/box AP, needs
+    the metadata ``json_file`` of COCO instances) and PanopticSemSegEvaluator (mIoU, needs
+    ``sem_seg_file_name`` in the dataset dicts) when those outputs are enabled.
+    """
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    meta = MetadataCatalog.get(dataset_name)
+    evaluator_type = getattr(meta, "evaluator_type", None)
+    if evaluator_type != "coco_panoptic_seg":
+        raise NotImplementedError(
+            f"no evaluator for dataset {dataset_name!r} of evaluator_type {evaluator_type!r}; "
+            "Panoptic SegFormer evaluates COCO-format panoptic datasets ('coco_panoptic_seg')"
+        )
+    switches = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    evaluators = []
+    if switches.PANOPTIC_ON:
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if switches.INSTANCE_ON:
+        if not getattr(meta, "json_file", None):
+            raise ValueError(
+                f"TEST.INSTANCE_ON needs a COCO instances json: dataset {dataset_name!r} has no "
+                "metadata 'json_file'"
+            )
+        evaluators.append(PanopticCOCOEvaluator(dataset_name, output_dir=output_folder))
+    if switches.SEMANTIC_ON:
+        if "sem_seg_file_name" not in DatasetCatalog.get(dataset_name)[0]:
+            raise ValueError(
+                f"TEST.SEMANTIC_ON needs semantic PNGs: the dicts of {dataset_name!r} have no "
+                "'sem_seg_file_name'"
+            )
+        evaluators.append(PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if not evaluators:
+        raise ValueError("all of MODEL.PANOPTIC_SEGFORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON are off")
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

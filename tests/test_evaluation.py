@@ -1,0 +1,126 @@
+"""Evaluation path: build_evaluator dispatch, and PQ = 100 when the prediction is the ground truth."""
+import numpy as np
+import pytest
+import torch
+from conftest import COCO_SAMPLE, requires_coco_sample, requires_detectron2
+from PIL import Image
+
+pytestmark = requires_detectron2
+
+
+def _cfg(tmp_path, panoptic=True, instance=False, semantic=False):
+    from detectron2.config import get_cfg
+
+    from panoptic_segformer import add_panoptic_segformer_config
+
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    t = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    t.PANOPTIC_ON, t.INSTANCE_ON, t.SEMANTIC_ON = panoptic, instance, semantic
+    return cfg
+
+
+def _gt_as_prediction(d, drop_segment=None):
+    """Model-style output built from the GT PNG: panoptic_seg (int32 ids, 0 = void; crowd
+    segments left void), segments_info with contiguous category ids, plus instances / sem_seg."""
+    rgb = np.asarray(Image.open(d["pan_seg_file_name"]).convert("RGB")).astype(np.int64)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    pan = np.zeros(ids.shape, np.int32)
+    info = []
+    for s in d["segments_info"]:
+        if s.get("iscrowd", 0) or s["id"] == drop_segment:
+            continue
+        new_id = len(info) + 1
+        pan[ids == s["id"]] = new_id
+        info.append({"id": new_id, "category_id": s["category_id"], "isthing": s["isthing"], "score": 1.0})
+    return {"panoptic_seg": (torch.from_numpy(pan), info)}
+
+
+@requires_coco_sample
+def test_coco_sample_pq_is_100_for_ground_truth(tmp_path):
+    from detectron2.data import DatasetCatalog
+    from detectron2.evaluation import COCOPanopticEvaluator
+
+    from panoptic_segformer.data import register_coco_panoptic_sample
+    from panoptic_segformer.engine import build_evaluator
+
+    name = register_coco_panoptic_sample(str(COCO_SAMPLE))
+    dicts = DatasetCatalog.get(name)
+    assert len(dicts) == 2 and any(s["iscrowd"] for d in dicts for s in d["segments_info"])
+    evaluator = build_evaluator(_cfg(tmp_path), name)
+    assert isinstance(evaluator, COCOPanopticEvaluator)
+
+    evaluator.reset()
+    for d in dicts:
+        evaluator.process([d], [_gt_as_prediction(d)])
+    res = evaluator.evaluate()["panoptic_seg"]
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+        assert res[key] == pytest.approx(100.0), key
+
+    # dropping one GT segment from the prediction must cost PQ: the check can fail
+    evaluator.reset()
+    victim = next(s["id"] for s in dicts[0]["segments_info"] if not s["iscrowd"])
+    evaluator.process([dicts[0]], [_gt_as_prediction(dicts[0], drop_segment=victim)])
+    evaluator.process([dicts[1]], [_gt_as_prediction(dicts[1])])
+    assert evaluator.evaluate()["panoptic_seg"]["PQ"] < 100.0
+
+
+def test_toy_all_evaluators_are_perfect_on_ground_truth(tmp_path):
+    """PQ, mIoU and mask AP are all 100 on the toy val split when predictions are the GT."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.evaluation import DatasetEvaluators
+    from detectron2.structures import BitMasks, Instances
+
+    from panoptic_segformer.data import register_toy_panoptic
+    from panoptic_segformer.engine import build_evaluator
+
+    register_toy_panoptic(str(tmp_path / "toy"), prefix="toyeval", num_images={"train": 2, "val": 4})
+    dicts = DatasetCatalog.get("toyeval_val")
+    evaluator = build_evaluator(_cfg(tmp_path, instance=True, semantic=True), "toyeval_val")
+    assert isinstance(evaluator, DatasetEvaluators) and len(evaluator._evaluators) == 3
+    evaluator.reset()
+    num_classes = 6
+    for d in dicts:
+        out = _gt_as_prediction(d)
+        pan, info = out["panoptic_seg"]
+        logits = torch.zeros(num_classes, *pan.shape)
+        things = [s for s in info if s["isthing"]]
+        for s in info:
+            logits[s["category_id"]][pan == s["id"]] = 1.0
+        inst = Instances(tuple(pan.shape))
+        masks = torch.stack([pan == s["id"] for s in things])
+        inst.pred_masks = masks
+        inst.pred_boxes = BitMasks(masks).get_bounding_boxes()
+        inst.scores = torch.ones(len(things))
+        inst.pred_classes = torch.tensor([s["category_id"] for s in things])
+        out.update(sem_seg=logits, instances=inst)
+        evaluator.process([d], [out])
+    res = evaluator.evaluate()
+    assert res["panoptic_seg"]["PQ"] == pytest.approx(100.0)
+    assert res["sem_seg"]["mIoU"] == pytest.approx(100.0)
+    assert res["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_build_evaluator_errors(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from panoptic_segformer.engine import build_evaluator
+
+    if "psf_not_panoptic" not in DatasetCatalog.list():
+        DatasetCatalog.register("psf_not_panoptic", lambda: [])
+        MetadataCatalog.get("psf_not_panoptic").set(evaluator_type="coco")
+    with pytest.raises(NotImplementedError, match="psf_not_panoptic"):
+        build_evaluator(_cfg(tmp_path), "psf_not_panoptic")
+    if COCO_SAMPLE.is_dir():
+        from panoptic_segformer.data import register_coco_panoptic_sample
+
+        name = register_coco_panoptic_sample(str(COCO_SAMPLE))
+        with pytest.raises(ValueError, match="json_file"):
+            build_evaluator(_cfg(tmp_path, instance=True), name)
+        with pytest.raises(ValueError, match="sem_seg_file_name"):
+            build_evaluator(_cfg(tmp_path, semantic=True), name)
+    import panoptic_segformer.data  # noqa: F401  (registers toy_panoptic_val; nothing generated)
+
+    with pytest.raises(ValueError, match="all of"):
+        build_evaluator(_cfg(tmp_path, panoptic=False), "toy_panoptic_val")

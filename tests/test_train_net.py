@@ -1,0 +1,266 @@
+"""Training pipeline: optimizer parameter groups, full-model gradient clipping (also under AMP),
+and train_net.py end to end on CPU: resume after a kill, two gloo processes."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, requires_detectron2
+from torch import nn
+
+pytestmark = requires_detectron2
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(2, 2)
+        self.encoder = nn.Module()
+        self.encoder.sampling_offsets = nn.Linear(2, 2)
+        self.reference_points = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_follow_the_name_substrings():
+    from panoptic_segformer.engine import get_param_groups
+
+    net = _Net()
+    groups = get_param_groups(net, 1e-3, 1e-4, ["backbone", "sampling_offsets", "reference_points"], 0.1)
+    by_name = {g["name"]: g for g in groups}
+    ids = lambda mods: {id(p) for m in mods for p in m.parameters()}  # noqa: E731
+    assert {id(p) for p in by_name["lr_mult"]["params"]} == ids([net.backbone, net.encoder, net.reference_points])
+    assert {id(p) for p in by_name["base"]["params"]} == ids([net.head])  # frozen skipped
+    assert by_name["lr_mult"]["lr"] == pytest.approx(1e-4) and by_name["base"]["lr"] == 1e-3
+    assert by_name["lr_mult"]["weight_decay"] == by_name["base"]["weight_decay"] == 1e-4
+
+
+def _grads_with_global_norm_5(params):
+    params[0].grad = torch.tensor([3.0, 0.0])
+    params[1].grad = torch.tensor([0.0, 4.0])
+
+
+def test_full_model_clipping_clips_the_global_norm():
+    from panoptic_segformer.engine import add_full_model_gradient_clipping
+
+    params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))]
+    cls = add_full_model_gradient_clipping(torch.optim.SGD, 0.1)
+    # two groups: the clip must span both
+    opt = cls([{"params": [params[0]]}, {"params": [params[1]]}], lr=1.0)
+    _grads_with_global_norm_5(params)
+    opt.step()
+    # global norm 5 -> 0.1: every gradient scaled by 0.02 (per-parameter clipping would give 0.1 each)
+    assert torch.allclose(params[0].data, torch.tensor([-0.06, 0.0]))
+    assert torch.allclose(params[1].data, torch.tensor([0.0, -0.08]))
+    with pytest.raises(ValueError, match="clip"):
+        add_full_model_gradient_clipping(torch.optim.SGD, 0.0)
+
+
+def _cfg():
+    from detectron2.config import get_cfg
+
+    from panoptic_segformer import add_panoptic_segformer_config
+
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.SOLVER.BASE_LR = 2e-4
+    cfg.SOLVER.WEIGHT_DECAY = 1e-4
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
+    return cfg
+
+
+def test_build_optimizer_from_config():
+    from panoptic_segformer.engine import build_optimizer
+
+    cfg = _cfg()
+    opt = build_optimizer(cfg, _Net())
+    assert isinstance(opt, torch.optim.AdamW) and type(opt).__name__ == "AdamWWithFullModelClip"
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2e-5, 2e-4])
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"  # detectron2's per-parameter clipping
+    assert "FullModel" not in type(build_optimizer(cfg, _Net())).__name__
+    cfg.SOLVER.OPTIMIZER = "LAMB"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        build_optimizer(cfg, _Net())
+
+
+class _ListLoader:
+    def __iter__(self):
+        while True:
+            yield [torch.tensor([1.0, 1.0])]
+
+
+class _LossModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1, bias=False)
+        nn.init.zeros_(self.lin.weight)
+        self.seen_dtype = None
+
+    def forward(self, batch):
+        out = self.lin(torch.stack(batch))
+        self.seen_dtype = out.dtype
+        return {"loss": 1000.0 * out.float().sum() + 1000.0}
+
+
+@pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16])
+def test_amp_trainer_clips_unscaled_gradients_on_cpu(precision):
+    """The gradient is 1000*(1, 1); clipped to norm 0.1 the SGD step is 0.1/sqrt(2) per weight.
+    Clipping the *scaled* gradient instead would give a step ~65536x smaller."""
+    from detectron2.utils.events import EventStorage
+
+    from panoptic_segformer.engine import AutocastTrainer, add_full_model_gradient_clipping
+
+    model = _LossModel()
+    opt = add_full_model_gradient_clipping(torch.optim.SGD, 0.1)(model.parameters(), lr=1.0)
+    trainer = AutocastTrainer(model, _ListLoader(), opt, device_type="cpu", precision=precision)
+    assert trainer.grad_scaler.is_enabled() == (precision == torch.float16)
+    if precision == torch.float16:  # a scale at which the fp16 gradient (1000 * scale) is finite
+        trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    with EventStorage(0):
+        trainer.run_step()
+    assert model.seen_dtype == precision
+    expected = torch.full((1, 2), -0.1 / 2**0.5)
+    assert torch.allclose(model.lin.weight.data.float(), expected, rtol=1e-3)
+
+
+def test_amp_dtype():
+    from panoptic_segformer.engine import amp_dtype
+
+    assert amp_dtype("bfloat16") is torch.bfloat16 and amp_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="PRECISION"):
+        amp_dtype("float8")
+
+
+# ----------------------------------------------------------------------------- end to end
+TINY = [
+    "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "32", "MODEL.PANOPTIC_SEGFORMER.NHEADS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "1", "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "1",
+    "MODEL.PANOPTIC_SEGFORMER.THING_MASK_DECODER_LAYERS", "1",
+    "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_DECODER_LAYERS", "1",
+    "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "10", "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "64",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160",
+    "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
+]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    """A toy dataset root with a small val split (train keeps its default size)."""
+    from panoptic_segformer.data.toy_dataset import ensure_toy_split
+
+    root = str(tmp_path_factory.mktemp("toy"))
+    ensure_toy_split(root, "train")
+    ensure_toy_split(root, "val", num_images=4)
+    return root
+
+
+def _train_cmd(out_dir, *extra, num_gpus=1, opts=()):
+    return [sys.executable, str(REPO_ROOT / "train_net.py"), "--config-file",
+            str(REPO_ROOT / "configs" / "quickstart.yaml"), "--num-gpus", str(num_gpus), *extra,
+            *TINY, "OUTPUT_DIR", str(out_dir), *opts]
+
+
+def _env(toy_root):
+    env = dict(os.environ, PSF_TOY_ROOT=toy_root, OMP_NUM_THREADS="1")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a machine with GPUs
+    return env
+
+
+def _last_iteration(out_dir):
+    tag = out_dir / "last_checkpoint"
+    if not tag.is_file():
+        return -1
+    name = tag.read_text().strip()
+    m = re.match(r"model_(\d+)\.pth", name)
+    return int(m.group(1)) if m else -1
+
+
+def test_resume_after_kill_continues_iteration_and_optimizer_state(tmp_path, toy_root):
+    out = tmp_path / "run"
+    env = _env(toy_root)
+    proc = subprocess.Popen(
+        _train_cmd(out, opts=["SOLVER.MAX_ITER", "1000", "SOLVER.CHECKPOINT_PERIOD", "2",
+                              "DATASETS.TEST", "()"]),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while _last_iteration(out) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # killed mid-way, as a crash would
+        proc.wait()
+    killed_at = _last_iteration(out)
+    assert killed_at >= 3, "no checkpoint was written before the kill"
+    ckpt = torch.load(out / f"model_{killed_at:07d}.pth", map_location="cpu", weights_only=False)
+    assert ckpt["iteration"] == killed_at
+
+    max_iter = killed_at + 4
+    res = subprocess.run(
+        _train_cmd(out, "--resume", opts=["SOLVER.MAX_ITER", str(max_iter),
+                                          "SOLVER.CHECKPOINT_PERIOD", "1000", "DATASETS.TEST", "()"]),
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Starting training from iteration {killed_at + 1}" in res.stdout + res.stderr
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == max_iter - 1
+    # AdamW counts its own steps: max_iter in total only if its state survived the restart
+    state = final["trainer"]
+    steps = {int(s["step"]) for s in state["_trainer"]["optimizer"]["state"].values()}
+    assert steps == {max_iter}
+    assert state["hooks"]["LRScheduler"]["last_epoch"] == max_iter
+
+
+def test_two_gloo_processes_train_and_evaluate(tmp_path, toy_root):
+    out = tmp_path / "ddp"
+    res = subprocess.run(
+        _train_cmd(out, num_gpus=2, opts=["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1000",
+                                          "MODEL.DEVICE", "cuda"]),
+        env=_env(toy_root), capture_output=True, text=True, timeout=600,
+    )
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert "World size: 2" in log and "MODEL.DEVICE set to cpu" in log
+    assert (out / "log.txt").is_file() and (out / "log.txt.rank1").is_file()
+    assert "Rank of current process: 1. World size: 2" in (out / "log.txt.rank1").read_text()
+    assert (out / "model_final.pth").is_file()
+    assert re.search(r"copypaste: PQ,SQ,RQ", log), "evaluation did not run"
+
+
+def test_model_trains_on_a_batch_with_an_image_without_segments(tmp_path, toy_root):
+    """The mapper's empty Instances go through the model's training step (finite losses)."""
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    import panoptic_segformer.modeling.meta_arch  # noqa: F401  (registers PanopticSegFormer)
+    from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.data import PanopticDatasetMapper, register_toy_panoptic
+
+    register_toy_panoptic(toy_root, prefix="toyempty")
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / "configs" / "quickstart.yaml"))
+    cfg.merge_from_list(TINY + ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('toyempty_train',)"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    mapper = PanopticDatasetMapper(cfg, True)
+    dicts = DatasetCatalog.get("toyempty_val")[:2]
+    empty = dict(dicts[1], segments_info=[])
+    batch = [mapper(dicts[0]), mapper(empty)]
+    assert len(batch[1]["instances"]) == 0
+    losses = model(batch)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    losses = model([mapper(empty)])  # no thing and no stuff target in the whole batch
+    assert all(torch.isfinite(v) for v in losses.values())
