@@ -64,12 +64,12 @@ def test_init():
         assert torch.all(layer.self_attn.attention_weights.weight == 0)
         assert torch.all(layer.self_attn.attention_weights.bias == 0)
         assert layer.self_attn.sampling_offsets.bias.abs().max() == 4  # (p + 1) for the 4th point
-        for lin in (layer.linear1, layer.linear2):
+        for lin in (layer.ffn.linear1, layer.ffn.linear2):
             fan_out, fan_in = lin.weight.shape
             bound = math.sqrt(6 / (fan_in + fan_out))
             assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
         assert layer.norm1.eps == 1e-5
-        assert [m.p for m in (layer.dropout1, layer.dropout2, layer.dropout3)] == [0.1, 0.1, 0.1]
+        assert [m.p for m in (layer.dropout1, layer.ffn.dropout1, layer.ffn.dropout2)] == [0.1, 0.1, 0.1]
 
 
 def test_reference_points():
@@ -106,8 +106,8 @@ def test_layer_is_post_norm_with_pos_on_query_only():
     ref = encoder_reference_points(shapes, ratios)
     x = src + layer.self_attn(src + pos, ref, src, shapes, start, None)
     x = F.layer_norm(x, (C,), layer.norm1.weight, layer.norm1.bias, 1e-5)
-    y = x + layer.linear2(F.relu(layer.linear1(x)))
-    expected = F.layer_norm(y, (C,), layer.norm2.weight, layer.norm2.bias, 1e-5)
+    y = x + layer.ffn.linear2(F.relu(layer.ffn.linear1(x)))
+    expected = F.layer_norm(y, (C,), layer.ffn.norm.weight, layer.ffn.norm.bias, 1e-5)
     torch.testing.assert_close(enc(src, pos, shapes, start, ratios), expected)
 
 

@@ -61,7 +61,7 @@ def test_init():
         assert torch.all(layer.cross_attn.attention_weights.weight == 0)
         assert torch.all(layer.cross_attn.sampling_offsets.weight == 0)
         assert layer.self_attn.dropout == 0.1
-        assert [m.p for m in (layer.dropout1, layer.dropout2, layer.dropout3, layer.dropout4)] == [0.1] * 4
+        assert [m.p for m in (layer.dropout1, layer.dropout2, layer.ffn.dropout1, layer.ffn.dropout2)] == [0.1] * 4
 
 
 def test_inverse_sigmoid():
@@ -226,5 +226,5 @@ def test_layer_order_and_query_roles():
     x = tgt + layer.self_attn.out_proj(att.transpose(1, 2).reshape(2, 5, C))
     x = layer.norm1(x)
     x = layer.norm2(x + layer.cross_attn(x + pos, ref, memory, shapes, start, None))
-    expected = layer.norm3(x + layer.linear2(F.relu(layer.linear1(x))))
+    expected = layer.ffn.norm(x + layer.ffn.linear2(F.relu(layer.ffn.linear1(x))))
     torch.testing.assert_close(layer(tgt, pos, ref, memory, shapes, start, None), expected)

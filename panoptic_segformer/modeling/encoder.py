@@ -1,12 +1,12 @@
 """Deformable transformer encoder over the multi-scale feature sequence (SPEC §1.4)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
 
 from ..layers import MSDeformAttn
+from .feed_forward import PostNormFeedForward
 
 __all__ = ["DeformableEncoder", "DeformableEncoderLayer", "encoder_reference_points"]
 
@@ -51,18 +51,12 @@ class DeformableEncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = PostNormFeedForward(d_model, dim_feedforward, dropout)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos: (B, S, C); reference_points: (B, S, L, 2). Returns (B, S, C)."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.ffn(self.norm1(src + self.dropout1(attn)))
 
 
 class DeformableEncoder(nn.Module):

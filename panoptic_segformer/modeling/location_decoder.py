@@ -4,12 +4,12 @@ and its per-layer class and box heads (SPEC §2, §3)."""
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
 
 from ..layers import MSDeformAttn
+from .feed_forward import PostNormFeedForward
 
 __all__ = ["LocationDecoder", "LocationDecoderLayer", "inverse_sigmoid"]
 
@@ -35,11 +35,7 @@ class LocationDecoderLayer(nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.ffn = PostNormFeedForward(d_model, dim_feedforward, dropout)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
         """
@@ -56,9 +52,7 @@ class LocationDecoderLayer(nn.Module):
         attn = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
         )
-        tgt = self.norm2(tgt + self.dropout2(attn))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn))
+        return self.ffn(self.norm2(tgt + self.dropout2(attn)))
 
 
 def _box_head(d_model):
