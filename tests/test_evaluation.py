@@ -124,3 +124,45 @@ def test_build_evaluator_errors(tmp_path):
 
     with pytest.raises(ValueError, match="all of"):
         build_evaluator(_cfg(tmp_path, panoptic=False), "toy_panoptic_val")
+
+
+def test_instance_ap_when_stuff_categories_come_first(tmp_path):
+    """Thing contiguous ids need not start at 0: box AP is 100 for a prediction equal to the GT."""
+    import json
+
+    from detectron2.structures import Boxes, Instances
+
+    from panoptic_segformer.data import register_panoptic_dataset
+    from panoptic_segformer.engine.evaluation import PanopticCOCOEvaluator
+
+    cats = [
+        {"id": 1, "name": "sky", "isthing": 0},
+        {"id": 2, "name": "car", "isthing": 1},
+        {"id": 3, "name": "road", "isthing": 0},
+        {"id": 4, "name": "dog", "isthing": 1},
+    ]
+    box = [2.0, 3.0, 10.0, 8.0]  # x, y, w, h
+    instances = {
+        "images": [{"id": 1, "width": 32, "height": 32, "file_name": "a.jpg"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 4, "bbox": box, "area": 80.0, "iscrowd": 0}
+        ],
+        "categories": [c for c in cats if c["isthing"]],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    name = f"stuff_first_{tmp_path.name}"
+    register_panoptic_dataset(
+        name, image_root=str(tmp_path), panoptic_root=str(tmp_path),
+        panoptic_json=str(tmp_path / "panoptic.json"), categories=cats,
+        instances_json=str(tmp_path / "instances.json"),
+    )
+    evaluator = PanopticCOCOEvaluator(name, output_dir=str(tmp_path), distributed=False)
+    evaluator.reset()
+    pred = Instances((32, 32))
+    pred.pred_boxes = Boxes(torch.tensor([[2.0, 3.0, 12.0, 11.0]]))
+    pred.scores = torch.tensor([0.9])
+    pred.pred_classes = torch.tensor([3])  # "dog": contiguous id 3, the second thing
+    evaluator.process([{"image_id": 1}], [{"instances": pred}])
+    results = evaluator.evaluate()
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+    assert results["bbox"]["AP-dog"] == pytest.approx(100.0)

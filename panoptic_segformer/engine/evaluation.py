@@ -3,6 +3,7 @@ import os
 from typing import Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
@@ -16,15 +17,30 @@ __all__ = ["PanopticCOCOEvaluator", "PanopticSemSegEvaluator", "build_evaluator"
 class PanopticCOCOEvaluator(COCOEvaluator):
     """COCOEvaluator (mask/box AP of the things) for standard panoptic metadata.
 
-    The standard metadata's ``thing_classes`` lists every category (things and stuff), while the
-    COCO instances json holds the things only; the per-category AP table is therefore labelled
-    with the thing names alone, in contiguous-id order.
+    The standard metadata numbers things and stuff in one contiguous range, so thing ids need not
+    be 0..K-1 (they are not when stuff categories come before a thing). COCOEvaluator requires
+    that, so predictions and its metadata use each thing's rank among the things instead. The
+    per-category AP table is labelled with the thing names alone.
     """
+
+    def __init__(self, dataset_name: str, *args, **kwargs):
+        super().__init__(dataset_name, *args, **kwargs)
+        thing_map = self._metadata.thing_dataset_id_to_contiguous_id
+        self._thing_ids = sorted(thing_map.values())  # contiguous ids of the things, in rank order
+        self._thing_rank = {c: r for r, c in enumerate(self._thing_ids)}
+        ranked = {d: self._thing_rank[c] for d, c in thing_map.items()}
+        self._metadata = Metadata(**{**self._metadata.as_dict(), "thing_dataset_id_to_contiguous_id": ranked})
+
+    def process(self, inputs, outputs):
+        start = len(self._predictions)
+        super().process(inputs, outputs)
+        for prediction in self._predictions[start:]:
+            for instance in prediction.get("instances", []):
+                instance["category_id"] = self._thing_rank[instance["category_id"]]
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         if class_names is not None:
-            thing_ids = sorted(self._metadata.thing_dataset_id_to_contiguous_id.values())
-            class_names = [class_names[i] for i in thing_ids]
+            class_names = [class_names[i] for i in self._thing_ids]
         return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
 
 
