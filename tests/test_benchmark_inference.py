@@ -75,11 +75,11 @@ def test_stage_breakdown_per_image():
     stages = result["stages_ms"]
     assert list(stages) == [label for label, _ in bench.STAGES] + ["other"]
     # per image = per batch of 2 / 2; sleeping takes at least the time asked
-    assert 40 <= stages["neck+encoder"] < 80
+    assert 40 <= stages["neck+encoder"] < 240  # upper bound loose: sleep wakes late on a busy machine
     assert 5 <= stages["merging"] < stages["neck+encoder"]  # two merges per batch of two
     assert stages["other"] >= 5
     # medians are not additive, but here the runs are alike
-    assert result["total_ms"] == pytest.approx(sum(stages.values()), rel=0.1)
+    assert result["total_ms"] == pytest.approx(sum(stages.values()), rel=0.3)
     assert result["cpu_ms"] < result["total_ms"]  # sleeping costs no CPU
     if bench.MemorySampler.available():
         assert result["memory_increase_mib"] >= 7  # the 8 MiB buffer

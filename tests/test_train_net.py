@@ -164,7 +164,8 @@ def toy_root(tmp_path_factory):
 
 def _train_cmd(out_dir, *extra, num_gpus=1, opts=()):
     return [sys.executable, str(REPO_ROOT / "train_net.py"), "--config-file",
-            str(REPO_ROOT / "configs" / "quickstart.yaml"), "--num-gpus", str(num_gpus), *extra,
+            str(REPO_ROOT / "configs" / "quickstart.yaml"), "--num-gpus", str(num_gpus),
+            "--dist-url", "auto", *extra,
             *TINY, "OUTPUT_DIR", str(out_dir), *opts]
 
 

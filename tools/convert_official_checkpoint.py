@@ -62,7 +62,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="official checkpoint (.pth written by mmcv)")
     parser.add_argument("output", help="converted checkpoint to write ({'model': state_dict})")
-    parser.add_argument("--config-file", default="configs/R50.yaml", help="config of the target model")
+    parser.add_argument(
+        "--config-file",
+        default=str(Path(__file__).resolve().parents[1] / "configs" / "R50.yaml"),
+        help="config of the target model",
+    )
     parser.add_argument("--trust", action="store_true",
                         help="allow full unpickling when torch.load(weights_only=True) refuses the input")
     parser.add_argument("--allow-missing", action="store_true",
