@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import requires_detectron2
 
@@ -328,3 +329,27 @@ def test_padded_size_not_a_multiple_of_8_stays_aligned():
     )
     # no stuff keys (dataset without stuff) -> r_th = 1; constant 1 over 16 px against 4 GT px
     assert losses["loss_mask_things"].item() == pytest.approx(2.0 * (1 - 8 / (16 + 4 + 2 * EPS)), rel=1e-6)
+
+
+def test_dice_on_a_padded_batch_equals_the_unpadded_image():
+    """With valid_sizes, the x2 upsampling clamps at the image border as the (unpadded) official
+    code does, and the padded area stays out of the Dice sums."""
+    torch.manual_seed(0)
+    h8, w8, pad = 3, 5, 2  # valid stride-8 grid and extra padded cells
+    gt = (torch.rand(1, 8 * h8, 8 * w8) > 0.5).float()
+    box = torch.tensor([[0.5, 0.5, 0.4, 0.4]])
+    masks = torch.rand(1, 1, h8, w8) + 0.2
+    crit = _criterion()
+
+    def loss(mask_map, gt_map, **kw):
+        targets = [{"labels": torch.tensor([0]), "boxes": box, "masks": gt_map}]
+        out = crit.mask_losses({"masks": mask_map, "aux_masks": []}, torch.zeros(1, 1, dtype=torch.bool),
+                               torch.zeros(1, 1, 1), box[None], None, [], targets, **kw)
+        return out["loss_mask_things"]
+
+    unpadded = loss(masks, gt)
+    padded_masks = F.pad(masks, (0, pad, 0, pad))  # the mask decoder zeroes padded positions
+    padded_gt = F.pad(gt, (0, 8 * pad, 0, 8 * pad))
+    valid = torch.tensor([[h8, w8]])
+    torch.testing.assert_close(loss(padded_masks, padded_gt, valid_sizes=valid), unpadded)
+    assert not torch.allclose(loss(padded_masks, padded_gt), unpadded)  # the border effect it removes

@@ -235,6 +235,7 @@ class PanopticSegFormerCriterion(nn.Module):
         stuff_out: Optional[Dict[str, object]],
         stuff_logits: Sequence[Tensor],
         targets: Sequence[Dict[str, Tensor]],
+        valid_sizes: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """Dice losses of both mask decoders and the stuff presence loss (SPEC §5.3-§5.4).
 
@@ -249,6 +250,10 @@ class PanopticSegFormerCriterion(nn.Module):
                 None when the dataset has no stuff classes.
             stuff_logits: one (B, K_st) presence logit tensor per stuff block.
             targets: B dicts, see the class docstring.
+            valid_sizes: (B, 2) int64 valid (h, w) of each image on the stride-8 grid, or None
+                (unpadded). The official code never pads, so its x2 upsampling clamps at the
+                image border: with it, masks are edge-replicated inside the valid area before
+                upsampling and the padded stride-4 area is left out of the Dice sums.
         Returns:
             "loss_mask_things", "loss_mask_things_d{j}" (one per thing block), and, with stuff,
             "loss_mask_stuff", "loss_mask_stuff_d{j}", "loss_cls_stuff_d{j}" (one per stuff
@@ -278,9 +283,10 @@ class PanopticSegFormerCriterion(nn.Module):
             for t, (_, tgt) in zip(targets, indices)
         ]).to(thing_masks.device)
         weight = self.mask_weight * r_th
-        losses["loss_mask_things"] = self._dice(thing_masks, batch_idx, slot_idx, gt_masks, n_th) * weight
+        valid = None if valid_sizes is None else valid_sizes.to(thing_masks.device)[batch_idx]
+        losses["loss_mask_things"] = self._dice(thing_masks, batch_idx, slot_idx, gt_masks, n_th, valid) * weight
         for j, aux in enumerate(thing_out["aux_masks"]):
-            losses[f"loss_mask_things_d{j}"] = self._dice(aux, batch_idx, slot_idx, gt_masks, n_th) * weight
+            losses[f"loss_mask_things_d{j}"] = self._dice(aux, batch_idx, slot_idx, gt_masks, n_th, valid) * weight
 
         if stuff_out is None:
             return losses
@@ -310,9 +316,10 @@ class PanopticSegFormerCriterion(nn.Module):
                     for t in targets if "stuff_labels" in t]
         gt_stuff = torch.cat(gt_stuff) if gt_stuff else stuff_masks.new_zeros((0, 2 * grid[0], 2 * grid[1]))
         weight = self.mask_weight * r_st
-        losses["loss_mask_stuff"] = self._dice(stuff_masks, batch_idx, class_idx, gt_stuff, n_st) * weight
+        valid = None if valid_sizes is None else valid_sizes.to(stuff_masks.device)[batch_idx]
+        losses["loss_mask_stuff"] = self._dice(stuff_masks, batch_idx, class_idx, gt_stuff, n_st, valid) * weight
         for j, aux in enumerate(stuff_out["aux_masks"]):
-            losses[f"loss_mask_stuff_d{j}"] = self._dice(aux, batch_idx, class_idx, gt_stuff, n_st) * weight
+            losses[f"loss_mask_stuff_d{j}"] = self._dice(aux, batch_idx, class_idx, gt_stuff, n_st, valid) * weight
         for j, logits in enumerate(stuff_logits):
             if logits.shape != (bs, num_stuff):
                 raise ValueError(f"stuff_logits[{j}] must be ({bs}, {num_stuff}), got {tuple(logits.shape)}")
@@ -324,13 +331,27 @@ class PanopticSegFormerCriterion(nn.Module):
         return losses
 
     @staticmethod
-    def _dice(masks: Tensor, batch_idx: Tensor, slot_idx: Tensor, gt: Tensor, norm: float) -> Tensor:
-        """Sum of the Dice losses of the matched (stride-8) masks, upsampled x2, / norm."""
+    def _dice(masks: Tensor, batch_idx: Tensor, slot_idx: Tensor, gt: Tensor, norm: float,
+              valid: Optional[Tensor] = None) -> Tensor:
+        """Sum of the Dice losses of the matched (stride-8) masks, upsampled x2, / norm.
+
+        valid: (M, 2) valid stride-8 (h, w) of each matched mask's image, or None.
+        """
         pred = masks[batch_idx, slot_idx]
         if pred.shape[0] == 0:
             return _zero_loss(masks)
+        if valid is None:
+            pred = F.interpolate(pred[None], scale_factor=2.0, mode="bilinear", align_corners=False)[0]
+            return dice_loss(pred, gt).sum() / norm
+        num, h, w = pred.shape
+        rows = torch.minimum(torch.arange(h, device=pred.device)[None], valid[:, :1] - 1)  # (M, h)
+        cols = torch.minimum(torch.arange(w, device=pred.device)[None], valid[:, 1:] - 1)  # (M, w)
+        pred = pred.gather(1, rows[:, :, None].expand(num, h, w)).gather(2, cols[:, None, :].expand(num, h, w))
         pred = F.interpolate(pred[None], scale_factor=2.0, mode="bilinear", align_corners=False)[0]
-        return dice_loss(pred, gt).sum() / norm
+        inside_rows = torch.arange(2 * h, device=pred.device)[None] < 2 * valid[:, :1]  # (M, 2h)
+        inside_cols = torch.arange(2 * w, device=pred.device)[None] < 2 * valid[:, 1:]  # (M, 2w)
+        inside = (inside_rows[:, :, None] & inside_cols[:, None, :]).to(pred.dtype)
+        return dice_loss(pred * inside, gt * inside).sum() / norm
 
     @staticmethod
     def _check_labels(targets, key: str, num_classes: int):

@@ -389,7 +389,7 @@ class PanopticSegFormer(nn.Module):
         losses.update(
             self.criterion.mask_losses(
                 out["thing_out"], thing_query_mask, selected_logits, selected_boxes,
-                out["stuff_out"], out["stuff_logits"], targets,
+                out["stuff_out"], out["stuff_logits"], targets, valid_sizes=enc["valid_sizes"][:, 0],
             )
         )
         return losses
