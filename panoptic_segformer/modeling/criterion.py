@@ -31,6 +31,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .box_ops import box_cxcywh_to_xyxy
 from .matcher import HungarianMatcher, resize_mask_targets
+from .padding import edge_replicate_index
 
 __all__ = ["PanopticSegFormerCriterion", "dice_loss"]
 
@@ -344,9 +345,7 @@ class PanopticSegFormerCriterion(nn.Module):
             pred = F.interpolate(pred[None], scale_factor=2.0, mode="bilinear", align_corners=False)[0]
             return dice_loss(pred, gt).sum() / norm
         num, h, w = pred.shape
-        rows = torch.minimum(torch.arange(h, device=pred.device)[None], valid[:, :1] - 1)  # (M, h)
-        cols = torch.minimum(torch.arange(w, device=pred.device)[None], valid[:, 1:] - 1)  # (M, w)
-        pred = pred.gather(1, rows[:, :, None].expand(num, h, w)).gather(2, cols[:, None, :].expand(num, h, w))
+        pred = pred.flatten(1).gather(1, edge_replicate_index(valid, h, w)).view(num, h, w)
         pred = F.interpolate(pred[None], scale_factor=2.0, mode="bilinear", align_corners=False)[0]
         inside_rows = torch.arange(2 * h, device=pred.device)[None] < 2 * valid[:, :1]  # (M, 2h)
         inside_cols = torch.arange(2 * w, device=pred.device)[None] < 2 * valid[:, 1:]  # (M, 2w)

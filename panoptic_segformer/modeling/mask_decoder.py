@@ -13,6 +13,8 @@ from torch import nn
 
 from detectron2.config import configurable
 
+from .padding import edge_replicate_index
+
 __all__ = ["MaskDecoder", "MaskDecoderBlock", "MaskAttention", "QuerySelfAttention"]
 
 
@@ -261,13 +263,10 @@ class MaskDecoder(nn.Module):
         if valid_sizes is not None:
             if tuple(valid_sizes.shape) != (b, self.n_levels, 2):
                 raise ValueError(f"valid_sizes must be (B={b}, {self.n_levels}, 2), got {tuple(valid_sizes.shape)}")
-            last = (valid_sizes.to(memory.device) - 1).clamp(min=0)  # last valid (row, col) per level
-            edge_index = [None]
-            for lvl in range(1, self.n_levels):
-                hl, wl = sizes[lvl]
-                rows = torch.minimum(torch.arange(hl, device=memory.device), last[:, lvl, 0:1])  # (B, H_l)
-                cols = torch.minimum(torch.arange(wl, device=memory.device), last[:, lvl, 1:2])  # (B, W_l)
-                edge_index.append((rows[:, :, None] * wl + cols[:, None, :]).flatten(1))
+            valid_sizes = valid_sizes.to(memory.device)
+            edge_index = [None] + [
+                edge_replicate_index(valid_sizes[:, lvl], *sizes[lvl]) for lvl in range(1, self.n_levels)
+            ]
         key_mask = pad0 = None
         if memory_padding_mask is not None:
             key_mask = _safe_key_mask(memory_padding_mask)[:, None, :, None]
