@@ -40,6 +40,15 @@ def _cuda_home():
     return CUDA_HOME if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) else None
 
 
+def _cuda_archs() -> str:
+    """The targets nvcc builds for, e.g. "sm_80,sm_90,compute_90" (reported by _C.cuda_archs())."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags  # what CUDAExtension passes to nvcc
+
+    codes = [f.split("code=")[-1] for f in _get_cuda_arch_flags() if "code=" in f]
+    # no spaces or quotes: the value goes through a shell in the ninja build
+    return ",".join(dict.fromkeys(codes)) or "unknown"
+
+
 def get_extensions():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
@@ -56,7 +65,7 @@ def get_extensions():
                 "panoptic_segformer._C",
                 sources + cuda_sources,
                 include_dirs=[os.path.abspath(CSRC)],
-                define_macros=[("WITH_CUDA", None)],
+                define_macros=[("WITH_CUDA", None), ("PSF_CUDA_ARCHS", _cuda_archs())],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DWITH_CUDA"]},
             )
         ]
@@ -80,7 +89,11 @@ setup(
     # so that pip never replaces the CUDA build of PyTorch.  panopticapi-lite is installed with
     # --no-deps (its metadata pins numpy<2), so it is not listed either.
     install_requires=["numpy", "scipy", "timm", "fvcore", "pycocotools", "Pillow"],
-    extras_require={"demo": ["opencv-python-headless", "tqdm", "matplotlib"], "test": ["pytest"]},
+    extras_require={
+        "demo": ["opencv-python-headless", "tqdm", "matplotlib"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest"],
+    },
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
