@@ -65,8 +65,9 @@ def get_extensions():
                 "panoptic_segformer._C",
                 sources + cuda_sources,
                 include_dirs=[os.path.abspath(CSRC)],
-                define_macros=[("WITH_CUDA", None), ("PSF_CUDA_ARCHS", _cuda_archs())],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DWITH_CUDA"]},
+                define_macros=[("WITH_CUDA", None)],
+                # C++ only: nvcc would split the comma-separated value into several macros
+                extra_compile_args={"cxx": cxx_flags + [f"-DPSF_CUDA_ARCHS={_cuda_archs()}"], "nvcc": ["-O3", "-DWITH_CUDA"]},
             )
         ]
     return [

@@ -42,7 +42,8 @@ fi
 PIP=("$PY" -m pip install --disable-pip-version-check)
 export PATH="$VENV/bin:$PATH"
 
-has() { "$PY" -c "import $1" >/dev/null 2>&1; }
+# is a module installed (found without importing it, so the check stays fast)
+has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 
 # ---------------------------------------------------------------- 1. PyTorch
 if ! has torch || ! has torchvision; then
