@@ -67,7 +67,10 @@ def get_extensions():
                 include_dirs=[os.path.abspath(CSRC)],
                 define_macros=[("WITH_CUDA", None)],
                 # C++ only: nvcc would split the comma-separated value into several macros
-                extra_compile_args={"cxx": cxx_flags + [f"-DPSF_CUDA_ARCHS={_cuda_archs()}"], "nvcc": ["-O3", "-DWITH_CUDA"]},
+                extra_compile_args={
+                    "cxx": cxx_flags + [f"-DPSF_CUDA_ARCHS={_cuda_archs()}"],
+                    "nvcc": ["-O3", "-DWITH_CUDA"],
+                },
             )
         ]
     return [

@@ -30,8 +30,8 @@ bool cuda_compiled() {
 #endif
 }
 
-#define PSF_STRINGIFY_(x) #x
-#define PSF_STRINGIFY(x) PSF_STRINGIFY_(x)
+#define PSF_STRINGIFY_(...) #__VA_ARGS__  // variadic: the list has commas
+#define PSF_STRINGIFY(...) PSF_STRINGIFY_(__VA_ARGS__)
 std::string cuda_archs() {
 #if defined(WITH_CUDA) && defined(PSF_CUDA_ARCHS)
   return PSF_STRINGIFY(PSF_CUDA_ARCHS);
