@@ -123,7 +123,7 @@ if ! project_ready; then
 fi
 
 # ---------------------------------------------------------------- environment report
-"$PY" -m panoptic_segformer.env_info ${D2_SOURCE:+--detectron2-source "$D2_SOURCE"}
+"$PY" -W ignore::FutureWarning -m panoptic_segformer.env_info ${D2_SOURCE:+--detectron2-source "$D2_SOURCE"}
 
 if [ "${1:-}" = "--" ]; then
   shift
