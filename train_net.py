@@ -5,6 +5,7 @@
     python train_net.py --config-file configs/R50.yaml --num-gpus 8
     python train_net.py --config-file configs/R50.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file configs/R50.yaml --resume               # continue a run
+    python train_net.py --config-file configs/R50.yaml --trust-checkpoint MODEL.WEIGHTS R-50.pkl
 
 ``--num-gpus N`` starts N processes per machine: NCCL on GPUs, gloo on a machine without CUDA
 (where ``MODEL.DEVICE`` is set to "cpu" automatically).
@@ -13,7 +14,6 @@ import logging
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import (
     DefaultTrainer,
@@ -28,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 import panoptic_segformer.data  # noqa: F401  (registers the toy and sample datasets)
 from panoptic_segformer import add_panoptic_segformer_config  # also registers the model
+from panoptic_segformer.checkpoint import SafeCheckpointer
 from panoptic_segformer.engine import (
     build_evaluator,
     build_optimizer,
@@ -41,7 +42,8 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with the project's optimizer, loader, evaluator and AMP loop.
 
     ``__init__`` follows ``DefaultTrainer.__init__`` step by step, except that DDP also works on
-    CPU (gloo) and AMP runs on any device in ``SOLVER.AMP.PRECISION``.
+    CPU (gloo), AMP runs on any device in ``SOLVER.AMP.PRECISION`` and checkpoints go through
+    ``SafeCheckpointer`` (safe loading, atomic saving, resume fallback).
     """
 
     def __init__(self, cfg):
@@ -54,7 +56,9 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         self._trainer = build_train_loop(cfg, wrap_ddp(model), data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeCheckpointer(
+            model, cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_CHECKPOINT, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -78,6 +82,8 @@ def setup(args):
     add_panoptic_segformer_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if getattr(args, "trust_checkpoint", False):
+        cfg.MODEL.TRUST_CHECKPOINT = True
     moved_to_cpu = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if moved_to_cpu:
         cfg.MODEL.DEVICE = "cpu"
@@ -96,9 +102,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        SafeCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_CHECKPOINT
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -109,7 +115,14 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="allow MODEL.WEIGHTS files that need full unpickling (.pkl such as the converted "
+        "ImageNet ResNets, .pyth, .pth with objects): they can run code, so only for files from "
+        "a trusted source (same as MODEL.TRUST_CHECKPOINT True)",
+    )
+    args = parser.parse_args(argv)
     print("Command Line Args:", args)
     launch(
         main,

@@ -65,6 +65,10 @@ def add_panoptic_segformer_config(cfg):
     m.TEST.THING_OVERLAP_THRESH = 0.4
     m.TEST.STUFF_OVERLAP_THRESH = 0.2
 
+    # weights files that need full unpickling (.pkl, .pyth, .pth with objects) run code when
+    # loaded: refused unless this is True (train_net.py / demo.py: --trust-checkpoint)
+    cfg.MODEL.TRUST_CHECKPOINT = False
+
     # timm backbones (PVTv2, Swin): weights come from a local file, never downloaded
     cfg.MODEL.TIMM = CN()
     cfg.MODEL.TIMM.NAME = "pvt_v2_b0"  # a timm model name

@@ -9,7 +9,6 @@ its outputs come back at its original size, in Detectron2's format (``panoptic_s
 
 import logging
 import os
-import pickle
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -17,56 +16,17 @@ import torch
 from torch import nn
 
 import detectron2.data.transforms as T
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
-__all__ = ["Predictor", "SafeCheckpointer", "load_weights"]
+from .checkpoint import SafeCheckpointer
+
+__all__ = ["Predictor", "load_weights"]
 
 logger = logging.getLogger(__name__)
 
 ImageArray = np.ndarray  # (H, W, 3) uint8
-
-
-class SafeCheckpointer(DetectionCheckpointer):
-    """A ``DetectionCheckpointer`` that unpickles with ``torch.load(weights_only=True)``.
-
-    Checkpoints written by Detectron2's trainer (``model_*.pth``) hold only tensors, numbers and
-    plain containers, so they load safely. A file that needs arbitrary unpickling (a ``.pkl`` or a
-    ``.pth`` with custom objects) is refused with an error unless ``trust_pickle=True``.
-    After ``load``, ``incompatible`` holds the missing / unexpected keys of the model state dict.
-    """
-
-    def __init__(self, model: nn.Module, *, trust_pickle: bool = False):
-        super().__init__(model)
-        self.trust_pickle = trust_pickle
-        self.incompatible = None
-
-    def _load_file(self, filename):
-        if filename.endswith(".pkl") and not self.trust_pickle:
-            raise RuntimeError(
-                f"refusing to unpickle {filename}: a .pkl file can run arbitrary code when loaded. "
-                "Load it only if you trust its source (Predictor(..., trust_checkpoint=True), "
-                "demo: --trust-checkpoint), or convert it to a .pth state dict."
-            )
-        return super()._load_file(filename)
-
-    def _torch_load(self, f):
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if not self.trust_pickle:
-                raise RuntimeError(
-                    f"{f} holds objects that torch.load(weights_only=True) refuses ({e}). Load it "
-                    "only if you trust its source (Predictor(..., trust_checkpoint=True), demo: "
-                    "--trust-checkpoint), or re-save its 'model' state dict alone."
-                ) from e
-            return torch.load(f, map_location="cpu", weights_only=False)
-
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
 
 
 def load_weights(model: nn.Module, weights: str, *, trust_pickle: bool = False) -> None:
@@ -74,7 +34,8 @@ def load_weights(model: nn.Module, weights: str, *, trust_pickle: bool = False) 
 
     Warns loudly when ``weights`` is empty or when the checkpoint leaves parameters of the model
     uninitialised (e.g. an ImageNet backbone file given as MODEL.WEIGHTS): such a model gives
-    meaningless predictions.
+    meaningless predictions. Loading follows :class:`~panoptic_segformer.checkpoint.SafeCheckpointer`
+    (``trust_pickle`` allows files that need full unpickling; NaN / Inf weights are refused).
     """
     if not weights:
         logger.warning(
@@ -151,7 +112,7 @@ class Predictor:
         cfg = cfg.clone()
         model = build_model(cfg)
         model.eval()
-        load_weights(model, cfg.MODEL.WEIGHTS, trust_pickle=trust_checkpoint)
+        load_weights(model, cfg.MODEL.WEIGHTS, trust_pickle=trust_checkpoint or cfg.MODEL.get("TRUST_CHECKPOINT", False))
         # the training set's metadata defines the model's contiguous ids (and so the drawing)
         names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
         return {

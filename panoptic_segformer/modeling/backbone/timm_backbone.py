@@ -88,16 +88,21 @@ def load_timm_checkpoint(model: nn.Module, path: str) -> None:
     Accepts a plain state dict or one nested under ``"model"`` / ``"state_dict"``, in timm's key
     layout or the original PVTv2 / Swin one (remapped by timm's ``checkpoint_filter_fn``).
     Classifier-head and final-norm keys are ignored; every other missing or unexpected key is
-    logged. Raises FileNotFoundError for a missing file and ValueError when no key matches.
+    logged. The file is read with the project's safe policy (``load_checkpoint_file``: tensors
+    only, no opt-in here) and NaN / Inf weights are refused. Raises FileNotFoundError for a
+    missing file and ValueError when no key matches.
     """
+    from ...checkpoint.loading import check_finite, load_checkpoint_file  # the package imports this module
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.TIMM.PRETRAINED: no such checkpoint file: {path!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path, opt_in=None)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"Checkpoint {path!r} does not hold a state dict (got {type(state).__name__})")
+    check_finite(state, f"MODEL.TIMM.PRETRAINED {path}")
     family = _FAMILIES[type(model)]
     state = family.checkpoint_filter_fn(state, model)
     own = model.state_dict()
