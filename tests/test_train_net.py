@@ -1,5 +1,6 @@
 """Training pipeline: optimizer parameter groups, full-model gradient clipping (also under AMP),
-and train_net.py end to end on CPU: resume after a kill, two gloo processes."""
+and train_net.py end to end on CPU: resume after a kill, two gloo processes; reliability: no code
+from .pkl weights, no step or checkpoint with NaN, resume past a truncated checkpoint."""
 import os
 import re
 import signal
@@ -265,3 +266,116 @@ def test_model_trains_on_a_batch_with_an_image_without_segments(tmp_path, toy_ro
     total.backward()
     losses = model([mapper(empty)])  # no thing and no stuff target in the whole batch
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ----------------------------------------------------------------------------- reliability
+def _run(cmd, toy_root):
+    res = subprocess.run(cmd, env=_env(toy_root), capture_output=True, text=True, timeout=600)
+    return res.returncode, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("mode", ["--eval-only", "train"])
+def test_a_malicious_pkl_as_model_weights_runs_no_code(tmp_path, toy_root, mode):
+    from test_checkpoint import write_malicious_pickle
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pkl"
+    write_malicious_pickle(evil, marker)
+    extra = [mode] if mode.startswith("--") else []
+    code, log = _run(_train_cmd(tmp_path / "out", *extra, opts=[
+        "MODEL.WEIGHTS", str(evil), "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()"]), toy_root)
+    assert code != 0
+    assert not marker.exists(), "unpickling MODEL.WEIGHTS ran code"
+    assert "refusing to unpickle" in log and "--trust-checkpoint" in log
+    assert not list((tmp_path / "out").glob("model_*.pth"))
+
+
+def _tiny_state_with_nan(toy_root):
+    """A state dict of the TINY quickstart model with one NaN in an encoder sampling_offsets weight."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.data import register_toy_panoptic
+
+    register_toy_panoptic(toy_root, prefix="toynan")
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / "configs" / "quickstart.yaml"))
+    cfg.merge_from_list(TINY + ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('toynan_train',)"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    name = next(n for n, _ in model.named_parameters() if "encoder" in n and n.endswith("sampling_offsets.weight"))
+    with torch.no_grad():
+        dict(model.named_parameters())[name][3, 5] = float("nan")
+    return cfg, model, name
+
+
+def test_training_from_nan_weights_stops_before_writing_anything(tmp_path, toy_root):
+    _, model, name = _tiny_state_with_nan(toy_root)
+    weights = tmp_path / "nan.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    out = tmp_path / "out"
+    code, log = _run(_train_cmd(out, opts=["MODEL.WEIGHTS", str(weights), "SOLVER.MAX_ITER", "2",
+                                           "SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "()"]), toy_root)
+    assert code != 0
+    assert f"{name} (1 NaN" in log
+    assert not list(out.glob("model_*.pth")) and not (out / "last_checkpoint").exists()
+
+
+def test_a_nan_gradient_stops_the_step_before_it_writes(toy_root):
+    """The failure of the issue: one NaN weight in the encoder; full-model clipping would spread
+    the NaN gradient norm to every parameter in one step. The step must raise, naming the NaN
+    parameter, and leave every parameter as it was."""
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    from panoptic_segformer.engine import NonFiniteTrainingError, build_optimizer, build_train_loader
+
+    cfg, model, name = _tiny_state_with_nan(toy_root)
+    model.train()
+    trainer = SimpleTrainer(model, build_train_loader(cfg), build_optimizer(cfg, model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with EventStorage(0), pytest.raises(NonFiniteTrainingError) as info:
+        trainer.run_step()
+    message = str(info.value)
+    assert f"First non-finite parameter: {name} (1 NaN" in message and "iteration 0" in message
+    assert "first non-finite gradient: " in message and "gradient: none" not in message
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, before[n], rtol=0, atol=0, equal_nan=True), n
+
+
+def test_non_finite_check_without_full_model_clipping():
+    from panoptic_segformer.engine import NonFiniteTrainingError, build_optimizer
+
+    cfg = _cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    net = _Net()
+    opt = build_optimizer(cfg, net)
+    assert type(opt).__name__ == "AdamWWithNonFiniteCheck"
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    net.head.bias.grad[1] = float("-inf")
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(NonFiniteTrainingError, match=r"gradient: head\.bias \(0 NaN, 1 Inf"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    net.head.bias.grad[1] = 1.0
+    opt.step()  # finite gradients: a normal step
+    assert not torch.equal(before[0], next(net.parameters()))
+
+
+def test_resume_falls_back_when_the_last_checkpoint_is_truncated(tmp_path, toy_root):
+    out = tmp_path / "run"
+    code, log = _run(_train_cmd(out, opts=["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1",
+                                           "DATASETS.TEST", "()"]), toy_root)
+    assert code == 0, log[-3000:]
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    final = out / "model_final.pth"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 3])  # as a kill mid-write
+    code, log = _run(_train_cmd(out, "--resume", opts=["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD",
+                                                       "1000", "DATASETS.TEST", "()"]), toy_root)
+    assert code == 0, log[-3000:]
+    assert "Resumed from" in log and "model_0000001.pth" in log and "truncated" in log
+    assert "Starting training from iteration 2" in log
+    assert torch.load(final, map_location="cpu", weights_only=True)["iteration"] == 2

@@ -1,14 +1,22 @@
 """Training and evaluation pieces used by ``train_net.py``."""
 from .amp import AutocastTrainer, amp_dtype
 from .evaluation import PanopticCOCOEvaluator, PanopticSemSegEvaluator, build_evaluator
-from .optimizer import add_full_model_gradient_clipping, build_optimizer, get_param_groups
+from .non_finite import NonFiniteTrainingError
+from .optimizer import (
+    add_full_model_gradient_clipping,
+    add_non_finite_gradient_check,
+    build_optimizer,
+    get_param_groups,
+)
 from .train_loop import build_train_loader, build_train_loop, wrap_ddp
 
 __all__ = [
     "AutocastTrainer",
+    "NonFiniteTrainingError",
     "PanopticCOCOEvaluator",
     "PanopticSemSegEvaluator",
     "add_full_model_gradient_clipping",
+    "add_non_finite_gradient_check",
     "amp_dtype",
     "build_evaluator",
     "build_optimizer",
