@@ -212,7 +212,7 @@ def _tool():
 
 
 def test_tool_writes_a_weights_only_checkpoint_and_refuses_mismatches(tmp_path, r50_model):
-    from panoptic_segformer.predictor import SafeCheckpointer
+    from panoptic_segformer.checkpoint import SafeCheckpointer
 
     tool = _tool()
     official = official_r50_state_dict(seed=1)
@@ -229,6 +229,23 @@ def test_tool_writes_a_weights_only_checkpoint_and_refuses_mismatches(tmp_path, 
     assert checkpointer.incompatible.missing_keys == ["neck.convs.1.norm.weight"]
     assert not checkpointer.incompatible.unexpected_keys
     assert torch.equal(r50_model.head.level_embeds, official["bbox_head.transformer.level_embeds"])
+
+
+def test_tool_on_random_bytes_and_non_finite_weights(tmp_path, capsys):
+    tool = _tool()
+    args = ["--config-file", str(REPO_ROOT / "configs" / "R50.yaml")]
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(bytes(range(1, 256)) * 40)
+    with pytest.raises(SystemExit, match="not a checkpoint") as info:
+        tool.main([str(noise), str(tmp_path / "out.pth"), *args])
+    assert "--trust" not in str(info.value)  # trusting a random file would not help
+    official = official_r50_state_dict(seed=2)
+    official["bbox_head.cls_branches.2.bias"].fill_(float("nan"))
+    src = tmp_path / "nan.pth"
+    torch.save({"state_dict": official}, src)
+    with pytest.raises(SystemExit, match=r"cls_branches\.2\.bias \(80 NaN"):
+        tool.main([str(src), str(tmp_path / "out.pth"), *args])
+    assert not (tmp_path / "out.pth").exists()
 
 
 def test_non_resnet_backbone_needs_the_timm_backbone():

@@ -2,6 +2,7 @@
 and batched vs one-at-a-time prediction with the real model."""
 
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -202,9 +203,40 @@ def test_checkpoint_with_objects_needs_trust(tmp_path):
     predictor = Predictor(stub_cfg(**{"MODEL.WEIGHTS": str(path)}), trust_checkpoint=True)
     assert predictor.model.weight.tolist() == [4.0, 5.0, 6.0]
     pkl = tmp_path / "model.pkl"
-    pkl.write_bytes(b"not read")
+    pkl.write_bytes(pickle.dumps({"model": {"weight": np.zeros(3)}}))
     with pytest.raises(RuntimeError, match="refusing to unpickle"):
         Predictor(stub_cfg(**{"MODEL.WEIGHTS": str(pkl)}))
+
+
+def test_malicious_pickle_runs_no_code_unless_the_config_trusts_it(tmp_path):
+    from test_checkpoint import write_malicious_pickle
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pkl"
+    write_malicious_pickle(evil, marker)
+    with pytest.raises(RuntimeError, match="MODEL.TRUST_CHECKPOINT"):
+        Predictor(stub_cfg(**{"MODEL.WEIGHTS": str(evil)}))
+    assert not marker.exists()
+    # the config key is the documented opt-in: then the file is unpickled (and its code runs)
+    with pytest.raises(Exception):
+        Predictor(stub_cfg(**{"MODEL.WEIGHTS": str(evil), "MODEL.TRUST_CHECKPOINT": True}))
+    assert marker.exists()
+
+
+def test_empty_random_and_non_finite_weights_are_refused_with_a_message(tmp_path):
+    from panoptic_segformer.checkpoint import CorruptCheckpointError, NonFiniteCheckpointError
+
+    empty, noise, nan = tmp_path / "empty.pth", tmp_path / "noise.pth", tmp_path / "nan.pth"
+    empty.write_bytes(b"")
+    noise.write_bytes(bytes(range(1, 256)) * 8)
+    torch.save({"model": {"weight": torch.full((3,), float("nan"))}}, nan)
+    for path, error, text in [
+        (empty, CorruptCheckpointError, "empty"),
+        (noise, CorruptCheckpointError, "not a checkpoint"),
+        (nan, NonFiniteCheckpointError, r"weight \(3 NaN, 0 Inf of 3 values\)"),
+    ]:
+        with pytest.raises(error, match=text):
+            Predictor(stub_cfg(**{"MODEL.WEIGHTS": str(path)}))
 
 
 def test_random_weights_and_partial_checkpoints_warn(tmp_path):

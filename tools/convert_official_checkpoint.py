@@ -14,7 +14,6 @@ The mapping itself is :mod:`panoptic_segformer.checkpoint.official`.
 """
 import argparse
 import logging
-import pickle
 import sys
 from pathlib import Path
 
@@ -27,7 +26,14 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from panoptic_segformer import get_panoptic_segformer_cfg  # noqa: E402
-from panoptic_segformer.checkpoint import compare_with_model, convert_official_state_dict  # noqa: E402
+from panoptic_segformer.checkpoint import (  # noqa: E402
+    CheckpointError,
+    atomic_write,
+    check_finite,
+    compare_with_model,
+    convert_official_state_dict,
+    load_checkpoint_file,
+)
 from panoptic_segformer.modeling.backbone.timm_backbone import TimmBackbone  # noqa: E402
 
 logger = logging.getLogger("convert_official_checkpoint")
@@ -36,19 +42,16 @@ _MAX_LISTED = 20
 
 
 def load_official(path: str, trust: bool) -> dict:
-    """The ``state_dict`` of an mmcv checkpoint (or a bare state dict) at ``path``."""
+    """The ``state_dict`` of an mmcv checkpoint (or a bare state dict) at ``path``, read with the
+    project's loading policy (``--trust`` allows full unpickling); NaN / Inf weights are refused."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not trust:
-            raise SystemExit(
-                f"{path} holds objects that torch.load(weights_only=True) refuses ({e}).\n"
-                "Unpickling it can run arbitrary code: pass --trust only if you trust its source."
-            )
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"{path} does not hold a state dict of tensors (expected an mmcv checkpoint)")
+        ckpt = load_checkpoint_file(path, trust=trust, opt_in="--trust")
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SystemExit(f"{path} does not hold a state dict of tensors (expected an mmcv checkpoint)")
+        check_finite(state, path)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
     return state
 
 
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
         return 1
     bad = set(unexpected) | {k for k, _, _ in mismatched}
     model_state = {k: v.contiguous() for k, v in converted.items() if k not in bad}
-    torch.save({"model": model_state}, args.output)
+    atomic_write(args.output, lambda f: torch.save({"model": model_state}, f))
     logger.info(f"wrote {len(model_state)} tensors to {args.output}")
     return 0
 

@@ -12,6 +12,7 @@ resume, the demo, ``Predictor`` and the official-checkpoint converter).
 * Weights with NaN or Inf are refused by name (:func:`check_finite`).
 """
 import contextlib
+import os
 import pickle
 import re
 from typing import Any, Iterable, Iterator, Optional, Tuple
@@ -80,6 +81,8 @@ def _file_kind(path: str) -> str:
 
 
 def _check_format(path: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
     kind = _file_kind(path)
     if kind == "empty":
         raise CorruptCheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
@@ -95,6 +98,7 @@ def check_trusted(path: str, trust: bool, opt_in: Optional[str] = TRUST_OPT_IN) 
     """Raise unless ``path`` looks like a checkpoint and, if it needs full unpickling, ``trust``.
 
     Raises:
+        FileNotFoundError: no such file.
         CorruptCheckpointError: empty or not a torch.save file / pickle.
         UntrustedCheckpointError: a ``.pkl`` / ``.pyth`` file and ``trust`` is False.
     """
