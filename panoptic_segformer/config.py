@@ -95,6 +95,49 @@ def add_panoptic_segformer_config(cfg):
     cfg.SOLVER.AMP.PRECISION = "float16"  # or "bfloat16"
 
 
+# minimum value of each integer size (MODEL.PANOPTIC_SEGFORMER.<key>); 0 layers is a valid ablation
+_MIN_SIZES = {
+    "HIDDEN_DIM": 2, "NHEADS": 1, "NUM_FEATURE_LEVELS": 1, "NECK_NUM_GROUPS": 1,
+    "SIZE_DIVISIBILITY": 0, "ENC_LAYERS": 0, "DEC_LAYERS": 1, "DIM_FEEDFORWARD": 1,
+    "ENC_N_POINTS": 1, "DEC_N_POINTS": 1, "NUM_QUERIES": 1, "THING_MASK_DECODER_LAYERS": 0,
+    "STUFF_MASK_DECODER_LAYERS": 1, "MASK_DECODER_MLP_RATIO": 1, "TEST.NUM_THING_CANDIDATES": 1,
+}
+_UNIT_INTERVAL = ("TEST.THING_SCORE_THRESH", "TEST.STUFF_SCORE_THRESH", "TEST.THING_OVERLAP_THRESH",
+                  "TEST.STUFF_OVERLAP_THRESH")
+
+
+def check_panoptic_segformer_config(cfg) -> None:
+    """Raise ValueError naming the key when a MODEL.PANOPTIC_SEGFORMER size or ratio cannot
+    build a model (e.g. ``NUM_QUERIES -3``, ``HIDDEN_DIM`` not divisible by ``NHEADS``)."""
+    m = cfg.MODEL.PANOPTIC_SEGFORMER
+
+    def get(key):
+        node = m
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def fail(key, problem):
+        raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.{key} = {get(key)!r}: {problem}")
+
+    for key, minimum in _MIN_SIZES.items():
+        value = get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            fail(key, f"must be an int >= {minimum}")
+    if m.HIDDEN_DIM % 2:
+        fail("HIDDEN_DIM", "must be even (sine position encoding)")
+    for key in ("NHEADS", "NECK_NUM_GROUPS"):
+        if m.HIDDEN_DIM % get(key):
+            fail(key, f"must divide HIDDEN_DIM = {m.HIDDEN_DIM}")
+    if m.NUM_FEATURE_LEVELS < len(m.IN_FEATURES):
+        fail("NUM_FEATURE_LEVELS", f"must be >= the {len(m.IN_FEATURES)} IN_FEATURES {list(m.IN_FEATURES)}")
+    if not 0.0 <= m.DROPOUT < 1.0:
+        fail("DROPOUT", "must be in [0, 1)")
+    for key in _UNIT_INTERVAL:
+        if not 0.0 <= get(key) <= 1.0:
+            fail(key, "must be in [0, 1]")
+
+
 def get_panoptic_segformer_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None) -> CN:
     """A Detectron2 config with the Panoptic SegFormer keys, ``config_file`` and then ``opts`` merged.
 

@@ -24,6 +24,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 
+from ..config import check_panoptic_segformer_config
 from .criterion import PanopticSegFormerCriterion
 from .head import PanopticSegFormerHead
 from .merging import mask_wise_merging
@@ -176,6 +177,7 @@ class PanopticSegFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_panoptic_segformer_config(cfg)
         m = cfg.MODEL.PANOPTIC_SEGFORMER
         metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
         thing_ids, stuff_ids = thing_stuff_ids_from_metadata(metadata)
