@@ -166,3 +166,90 @@ def test_instance_ap_when_stuff_categories_come_first(tmp_path):
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0)
     assert results["bbox"]["AP-dog"] == pytest.approx(100.0)
+
+
+def _tiny_panoptic_dataset(tmp_path, name, categories, segments, id_map):
+    """One 8x8 image: a panoptic PNG of ``id_map`` (segment ids) and its JSON ``segments``."""
+    import json
+
+    from panoptic_segformer.data import register_panoptic_dataset
+
+    (tmp_path / "pan").mkdir()
+    rgb = np.stack([id_map % 256, id_map // 256 % 256, id_map // 65536], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "pan" / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.jpg")
+    info = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 8, "width": 8}],
+        "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segments}],
+        "categories": categories,
+    }
+    (tmp_path / "panoptic.json").write_text(json.dumps(info))
+    register_panoptic_dataset(name, image_root=str(tmp_path), panoptic_root=str(tmp_path / "pan"),
+                              panoptic_json=str(tmp_path / "panoptic.json"), categories=categories)
+    return name
+
+
+def _evaluate(tmp_path, name, prediction):
+    from test_predictor import ListHandler
+
+    from detectron2.data import DatasetCatalog
+
+    from panoptic_segformer.engine import build_evaluator
+
+    evaluator = build_evaluator(_cfg(tmp_path), name)
+    evaluator.reset()
+    evaluator.process(DatasetCatalog.get(name), [prediction])
+    with ListHandler("panoptic_segformer.engine.evaluation") as log:
+        return evaluator.evaluate()["panoptic_seg"], log.messages
+
+
+def test_pq_of_ground_truth_without_non_crowd_segments_is_nan_with_a_note(tmp_path):
+    """panopticapi divides by the number of counted categories: 0 here (ZeroDivisionError)."""
+    cats = [{"id": 1, "name": "car", "isthing": 1}, {"id": 2, "name": "sky", "isthing": 0}]
+    id_map = np.zeros((8, 8), np.int64)
+    id_map[2:6, 2:6] = 5
+    crowd = [{"id": 5, "category_id": 1, "iscrowd": 1, "area": 16, "bbox": [2, 2, 4, 4]}]
+    name = _tiny_panoptic_dataset(tmp_path, f"only_crowd_{tmp_path.name}", cats, crowd, id_map)
+    nothing = {"panoptic_seg": (torch.zeros(8, 8, dtype=torch.int32), [])}
+    res, log = _evaluate(tmp_path, name, nothing)
+    assert all(np.isnan(res[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"))
+    assert any("All, Things, Stuff is NaN" in m and "crowd" in m for m in log)
+
+
+def test_pq_of_a_things_only_dataset(tmp_path):
+    """No stuff category at all: the Stuff group is empty, things are scored as usual."""
+    cats = [{"id": 1, "name": "car", "isthing": 1}]
+    id_map = np.zeros((8, 8), np.int64)
+    id_map[:, 4:] = 3
+    car = [{"id": 3, "category_id": 1, "iscrowd": 0, "area": 32, "bbox": [4, 0, 4, 8]}]
+    name = _tiny_panoptic_dataset(tmp_path, f"things_only_{tmp_path.name}", cats, car, id_map)
+    pred = torch.zeros(8, 8, dtype=torch.int32)
+    pred[:, 4:] = 1
+    res, log = _evaluate(tmp_path, name, {"panoptic_seg": (pred, [
+        {"id": 1, "category_id": 0, "isthing": True, "score": 1.0}])})
+    assert res["PQ"] == pytest.approx(100.0) and res["PQ_th"] == pytest.approx(100.0)
+    assert np.isnan(res["PQ_st"]) and any("Stuff is NaN" in m for m in log)
+
+
+def test_unknown_category_names_file_segment_and_id(tmp_path):
+    """Also for Detectron2's builtin coco_*_panoptic names (KeyError: 77 from its loader)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_panoptic
+
+    from panoptic_segformer.data import adopt_coco_panoptic_datasets
+
+    cats = [{"id": 1, "name": "car", "isthing": 1}, {"id": 2, "name": "sky", "isthing": 0}]
+    id_map = np.full((8, 8), 4, np.int64)
+    seg = [{"id": 4, "category_id": 77, "iscrowd": 0, "area": 64, "bbox": [0, 0, 8, 8]}]
+    name = _tiny_panoptic_dataset(tmp_path, f"unknown_cat_{tmp_path.name}", cats, seg, id_map)
+    message = r"panoptic\.json: segment 4 of a\.png \(image 1\) has category id 77"
+    with pytest.raises(ValueError, match=message):
+        DatasetCatalog.get(name)
+    builtin_style = f"coco_{tmp_path.name}_panoptic"
+    meta = MetadataCatalog.get(name).as_dict()
+    register_coco_panoptic(builtin_style, {k: meta[k] for k in meta if k.endswith(("classes", "colors", "contiguous_id"))},
+                           meta["image_root"], meta["panoptic_root"], meta["panoptic_json"], None)
+    assert adopt_coco_panoptic_datasets([builtin_style]) == [builtin_style]
+    with pytest.raises(ValueError, match=message):
+        DatasetCatalog.get(builtin_style)
+    assert adopt_coco_panoptic_datasets([name + "_none"]) == []  # no such metadata: left alone

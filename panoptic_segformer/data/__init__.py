@@ -5,10 +5,14 @@ Importing this package registers
 * ``toy_panoptic_train`` / ``toy_panoptic_val``, generated into ``$PSF_TOY_ROOT`` or
   ``~/.cache/panoptic_segformer/toy`` on first load;
 * ``coco_panoptic_sample`` (2 COCO val2017 images) when the folder ``$PSF_COCO_SAMPLE`` (default
-  ``../shared/data/coco_panoptic_sample`` beside the repository) exists.
+  ``../shared/data/coco_panoptic_sample`` beside the repository) exists;
+
+and makes Detectron2's builtin ``coco_*_panoptic`` datasets load with the project's loader
+(errors that name the file, segment and category id).
 """
 import os
 from .datasets import (
+    adopt_coco_panoptic_datasets,
     load_panoptic_json,
     panoptic_metadata_from_categories,
     register_coco_panoptic_sample,
@@ -23,6 +27,7 @@ from .panoptic_dataset_mapper import (
 from .toy_dataset import TOY_CATEGORIES, default_toy_root, register_toy_panoptic
 
 register_toy_panoptic()
+adopt_coco_panoptic_datasets()
 _COCO_SAMPLE = os.environ.get(
     "PSF_COCO_SAMPLE",
     os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "coco_panoptic_sample"),
@@ -32,6 +37,7 @@ if os.path.isdir(_COCO_SAMPLE):
 
 __all__ = [
     "PanopticDatasetMapper",
+    "adopt_coco_panoptic_datasets",
     "RandomChoiceAugmentation",
     "TOY_CATEGORIES",
     "build_detr_augmentation",

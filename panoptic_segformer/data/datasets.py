@@ -11,6 +11,7 @@ The metadata follows Detectron2's "standard" panoptic rule (``coco_panoptic_stan
 
 The model derives its thing/stuff class counts and the thing/stuff split from these two maps.
 """
+import functools
 import json
 import os
 from typing import Callable, Dict, List, Optional
@@ -19,6 +20,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
+    "adopt_coco_panoptic_datasets",
     "panoptic_metadata_from_categories",
     "load_panoptic_json",
     "register_panoptic_dataset",
@@ -95,7 +97,11 @@ def load_panoptic_json(
             elif cat in stuff_map:
                 seg["category_id"], seg["isthing"] = stuff_map[cat], False
             else:
-                raise ValueError(f"{json_file}: segment {seg['id']} has unknown category id {cat}")
+                raise ValueError(
+                    f"{json_file}: segment {seg.get('id')} of {ann.get('file_name')} (image {image_id}) "
+                    f"has category id {cat}, which is not one of the {len(thing_map) + len(stuff_map)} "
+                    "categories of the dataset metadata"
+                )
             segments.append(seg)
         record = {
             "file_name": os.path.join(image_root, im["file_name"]),
@@ -155,6 +161,37 @@ def register_panoptic_dataset(
         **extra,
         **metadata,
     )
+
+
+def adopt_coco_panoptic_datasets(names: Optional[List[str]] = None) -> List[str]:
+    """Load already registered COCO-format panoptic datasets with :func:`load_panoptic_json`.
+
+    Detectron2's builtin ``coco_2017_{train,val,val_100}_panoptic`` (the names our COCO configs
+    use) load through ``load_coco_panoptic_json``, which fails with a bare ``KeyError: 77`` on an
+    unknown category id; ours names the file, the segment and the id. Only datasets whose
+    metadata has ``panoptic_json``, ``panoptic_root``, ``image_root`` and both id maps are
+    adopted; their metadata is unchanged.
+
+    Args:
+        names: the datasets to adopt; default: every registered ``coco_*_panoptic`` dataset.
+
+    Returns:
+        the adopted names.
+    """
+    if names is None:
+        names = [n for n in DatasetCatalog.list() if n.startswith("coco_") and n.endswith("_panoptic")]
+    needed = ("panoptic_json", "panoptic_root", "image_root",
+              "thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id")
+    adopted = []
+    for name in names:
+        meta = MetadataCatalog.get(name).as_dict()
+        if not all(k in meta for k in needed):
+            continue
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, functools.partial(
+            load_panoptic_json, meta["panoptic_json"], meta["image_root"], meta["panoptic_root"], meta))
+        adopted.append(name)
+    return adopted
 
 
 def register_coco_panoptic_sample(root: str, name: str = "coco_panoptic_sample") -> str:

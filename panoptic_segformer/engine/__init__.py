@@ -1,6 +1,11 @@
 """Training and evaluation pieces used by ``train_net.py``."""
 from .amp import AutocastTrainer, amp_dtype
-from .evaluation import PanopticCOCOEvaluator, PanopticSemSegEvaluator, build_evaluator
+from .evaluation import (
+    PanopticCOCOEvaluator,
+    PanopticQualityEvaluator,
+    PanopticSemSegEvaluator,
+    build_evaluator,
+)
 from .non_finite import NonFiniteTrainingError
 from .optimizer import (
     add_full_model_gradient_clipping,
@@ -14,6 +19,7 @@ __all__ = [
     "AutocastTrainer",
     "NonFiniteTrainingError",
     "PanopticCOCOEvaluator",
+    "PanopticQualityEvaluator",
     "PanopticSemSegEvaluator",
     "add_full_model_gradient_clipping",
     "add_non_finite_gradient_check",

@@ -1,4 +1,6 @@
 """Evaluators for Panoptic SegFormer outputs on COCO-format panoptic datasets."""
+import logging
+import math
 import os
 from typing import Optional
 
@@ -11,7 +13,48 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
-__all__ = ["PanopticCOCOEvaluator", "PanopticSemSegEvaluator", "build_evaluator"]
+__all__ = ["PanopticCOCOEvaluator", "PanopticQualityEvaluator", "PanopticSemSegEvaluator", "build_evaluator"]
+
+logger = logging.getLogger(__name__)
+
+_GROUPS = {None: "All", True: "Things", False: "Stuff"}  # panopticapi's isthing argument
+
+
+class PanopticQualityEvaluator(COCOPanopticEvaluator):
+    """COCOPanopticEvaluator (PQ, SQ, RQ) that survives a group without any segment to count.
+
+    panopticapi averages over the categories that have at least one true positive, false
+    positive or false negative, and divides by their number: with none it raises
+    ``ZeroDivisionError`` (ground truth without a single non-crowd segment and no counted
+    prediction, or the Stuff group of a things-only dataset). Here such a group (All, Things or
+    Stuff) gets PQ = SQ = RQ = NaN, undefined rather than 0, and a warning says why.
+    """
+
+    def evaluate(self):
+        from panopticapi.evaluation import PQStat
+
+        empty_groups = []
+        pq_average = PQStat.pq_average
+
+        def pq_average_or_nan(stat, categories, isthing):
+            try:
+                return pq_average(stat, categories, isthing)
+            except ZeroDivisionError:
+                empty_groups.append(_GROUPS[isthing])
+                return {"pq": math.nan, "sq": math.nan, "rq": math.nan, "n": 0}, {}
+
+        PQStat.pq_average = pq_average_or_nan  # only for this call: panopticapi has no hook
+        try:
+            results = super().evaluate()
+        finally:
+            PQStat.pq_average = pq_average
+        if empty_groups:
+            logger.warning(
+                f"Panoptic quality of {', '.join(empty_groups)} is NaN (undefined): no category of "
+                "that group has a ground-truth segment (crowd segments do not count) or a counted "
+                "prediction in the evaluated images"
+            )
+        return results
 
 
 class PanopticCOCOEvaluator(COCOEvaluator):
@@ -69,7 +112,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     """Evaluators for ``dataset_name``, by its metadata ``evaluator_type`` and the switches
     ``MODEL.PANOPTIC_SEGFORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``.
 
-    For ``coco_panoptic_seg``: COCOPanopticEvaluator (PQ), plus COCOEvaluator (mask/box AP, needs
+    For ``coco_panoptic_seg``: PanopticQualityEvaluator (PQ), plus COCOEvaluator (mask/box AP, needs
     the metadata ``json_file`` of COCO instances) and PanopticSemSegEvaluator (mIoU, needs
     ``sem_seg_file_name`` in the dataset dicts) when those outputs are enabled.
     """
@@ -85,7 +128,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     switches = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     evaluators = []
     if switches.PANOPTIC_ON:
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        evaluators.append(PanopticQualityEvaluator(dataset_name, output_folder))
     if switches.INSTANCE_ON:
         if not getattr(meta, "json_file", None):
             raise ValueError(
