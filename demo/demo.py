@@ -5,10 +5,12 @@
         --opts MODEL.WEIGHTS model_final.pth
 
 ``--input`` takes files, glob patterns (quote them) and folders (their images, not recursive).
-An input that cannot be read is reported by name and skipped; the run goes on.
+An input that cannot be read, predicted, drawn or written is reported by name and skipped; the
+run goes on. Video frames that cannot be decoded are skipped and counted. Inputs larger than
+``--max-draw-size`` are shrunk to it before prediction and drawing (bounded memory).
 
-Exit status: 0 when every input was processed, 1 when some input could not be read or written,
-2 on a usage error (bad arguments, no input found, no display to show results on).
+Exit status: 0 when every input (every video frame) was processed, 1 when some input or frame
+failed, 2 on a usage error (bad arguments, no input found, no display to show results on).
 """
 
 import argparse
@@ -26,14 +28,21 @@ import tqdm
 if importlib.util.find_spec("panoptic_segformer") is None:  # run from a checkout, not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from panoptic_segformer.config import get_panoptic_segformer_cfg  # noqa: E402
+from panoptic_segformer.data.panoptic_dataset_mapper import read_image_file  # noqa: E402
 from panoptic_segformer.predictor import Predictor  # noqa: E402
+from panoptic_segformer.robust_inference import (  # noqa: E402
+    VideoFrames,
+    fit_size,
+    fit_within,
+    predict_each,
+)
 
+DEFAULT_MAX_DRAW_SIZE = 2048
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIEWS = ("panoptic", "instance", "semantic")
 WINDOW_NAME = "Panoptic SegFormer"
@@ -74,6 +83,15 @@ def get_parser() -> argparse.ArgumentParser:
         help="what to draw; with several views each input gives one file per view (_<view> suffix)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument(
+        "--max-draw-size",
+        type=int,
+        default=DEFAULT_MAX_DRAW_SIZE,
+        metavar="PIXELS",
+        help="inputs (images, video frames) whose longer side exceeds this are shrunk to it before "
+        "prediction and drawing, which bounds memory (the model sees every input at the test "
+        f"scale anyway); 0 = never shrink (default: {DEFAULT_MAX_DRAW_SIZE})",
+    )
     parser.add_argument(
         "--device",
         help="cpu, cuda, cuda:1, ... (default: the config's MODEL.DEVICE, or the CPU when it names "
@@ -237,15 +255,28 @@ def run_on_images(predictor, paths, args, score_thresh) -> list:
     failed = []
     progress = tqdm.tqdm(total=len(paths), unit="img", disable=args.output is None)
 
+    def fail(path, what, error):
+        logger.error(f"cannot {what} {path}: {type(error).__name__}: {error}")
+        if path not in failed:
+            failed.append(path)
+
     def flush(batch):
         start = time.perf_counter()
-        predictions = predictor([img for _, _, img in batch])
+        predictions = predict_each(predictor, [img for _, _, img in batch])
         elapsed = (time.perf_counter() - start) / len(batch)
         for (index, path, image), prediction in zip(batch, predictions):
+            progress.update(1)
+            if isinstance(prediction, Exception):
+                fail(path, "predict", prediction)
+                continue
             n = len(prediction["panoptic_seg"][1]) if "panoptic_seg" in prediction else 0
             logger.info(f"{path}: {n} segments in {elapsed:.2f}s")
             for view in args.view:
-                drawing = draw_image(image, prediction, view, predictor.metadata, score_thresh)
+                try:
+                    drawing = draw_image(image, prediction, view, predictor.metadata, score_thresh)
+                except Exception as e:  # e.g. an extreme aspect ratio in the Visualizer
+                    fail(path, f"draw the {view} view of", e)
+                    continue
                 if targets is None:
                     if not show(WINDOW_NAME, drawing, 0):
                         return False
@@ -254,19 +285,15 @@ def run_on_images(predictor, paths, args, score_thresh) -> list:
                     if not cv2.imwrite(targets[index][view], drawing):
                         raise OSError("cv2.imwrite returned False")
                 except (OSError, cv2.error) as e:
-                    logger.error(f"cannot write {targets[index][view]} (from {path}): {e}")
-                    if path not in failed:
-                        failed.append(path)
-            progress.update(1)
+                    fail(path, f"write {targets[index][view]} from", e)
         return True
 
     batch = []
     for index, path in enumerate(paths):
         try:
-            image = read_image(path, format="BGR")
+            image = fit_within(read_image_file(path, "BGR"), args.max_draw_size)
         except Exception as e:  # any decoding problem: report the file by name, go on
-            logger.error(f"cannot read {path}: {type(e).__name__}: {e}")
-            failed.append(path)
+            fail(path, "read", e)
             progress.update(1)
             continue
         batch.append((index, path, image))
@@ -283,12 +310,14 @@ def run_on_images(predictor, paths, args, score_thresh) -> list:
 
 
 def run_on_stream(predictor, capture, name, args, score_thresh) -> bool:
-    """Predict and draw every frame of an opened cv2.VideoCapture; returns True on success."""
+    """Predict and draw every frame of an opened cv2.VideoCapture; returns True when no frame
+    was lost (undecodable, or failing in the model or the drawing: skipped and counted)."""
     if len(args.view) != 1:
         raise UsageError("a video or webcam stream is drawn with a single --view")
     view = args.view[0]
     visualizer = VideoVisualizer(predictor.metadata, ColorMode.IMAGE)
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))  # <= 0 for a webcam
+    frames_in = VideoFrames(capture)
+    total = frames_in.total  # 0 for a webcam
     writer = None
     if args.output:
         if os.path.isdir(args.output) or not os.path.splitext(args.output)[1]:
@@ -297,41 +326,58 @@ def run_on_stream(predictor, capture, name, args, score_thresh) -> bool:
         else:
             target = args.output
         fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
-        size = (
-            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+        height, width = fit_size(
             int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            args.max_draw_size,
         )
+        size = (width, height)
         writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), size, True)
         if not writer.isOpened():
             logger.error(f"cannot open {target} for writing a video")
             return False
     progress = tqdm.tqdm(total=total if total > 0 else None, unit="frame")
 
+    failed = []  # (frame number, error) of decoded frames that failed later
+
     def flush(frames):
-        for frame, prediction in zip(frames, predictor(frames, format="BGR")):
-            drawing = draw_frame(visualizer, frame, prediction, view, score_thresh)
+        for (number, frame), prediction in zip(frames, predict_each(predictor, [f for _, f in frames], format="BGR")):
+            progress.update(1)
+            try:
+                if isinstance(prediction, Exception):
+                    raise prediction
+                drawing = draw_frame(visualizer, frame, prediction, view, score_thresh)
+            except Exception as e:  # this frame only: skipped and counted
+                logger.error(f"{name}: frame {number} failed: {type(e).__name__}: {e}")
+                failed.append(number)
+                continue
             if writer is not None:
                 writer.write(drawing)
             elif not show(name, drawing, 1):
                 return False
-            progress.update(1)
         return True
 
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if ok:
-            frames.append(frame)
-        if frames and (len(frames) == args.batch_size or not ok):
-            if not flush(frames):  # ESC
+    frames, keep_going = [], True
+    for number, frame in frames_in:
+        frames.append((number, fit_within(frame, args.max_draw_size)))
+        if len(frames) == args.batch_size:
+            keep_going, frames = flush(frames), []
+            if not keep_going:  # ESC
                 break
-            frames = []
-        if not ok:
-            break
+    if frames and keep_going:
+        flush(frames)
     progress.close()
     if writer is not None:
         writer.release()
-    return True
+    lost = frames_in.lost + len(failed)
+    if lost:
+        announced = f" of {total}" if total else ""
+        logger.error(
+            f"{name}: {lost}{announced} frames lost: {frames_in.lost} could not be decoded, "
+            f"{len(failed)} failed in the model or the drawing; {frames_in.decoded - len(failed)} "
+            "frames were written"
+        )
+    return lost == 0
 
 
 def main(argv=None) -> int:
@@ -343,6 +389,8 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.max_draw_size < 0:
+            raise UsageError(f"--max-draw-size must be >= 0, got {args.max_draw_size}")
         if args.input:
             paths, missing = expand_inputs(args.input)
             for pattern in missing:

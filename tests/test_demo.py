@@ -435,3 +435,104 @@ def test_confidence_threshold_reaches_the_merging():
         predictor = Predictor(demo.setup_cfg(args))
         counts[threshold] = len(predictor(image)["panoptic_seg"][1])
     assert counts["0.0"] > 0 and counts["1.0"] == 0
+
+
+# --------------------------------------------------------------------------- bad inputs and frames
+
+
+def test_an_image_that_breaks_the_model_is_named_and_the_others_are_written(tmp_path):
+    """A readable 1x10000 strip shrinks to height 0 at the test scale: it fails in the model,
+    alone, even inside a batch with good images."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_image(src / "a.png", 60, 80)
+    write_image(src / "b_strip.png", 1, 10000, seed=1)
+    write_image(src / "c.png", 70, 50, seed=2)
+    out = tmp_path / "out"
+    code, log = run_demo(["--config-file", R50, "--input", str(src), "--output", str(out),
+                          "--batch-size", "2", "--opts", *SMALL_MODEL_OPTS])
+    assert code == 1
+    assert sorted(os.listdir(out)) == ["a.png", "c.png"]
+    assert image_size(out / "a.png") == (60, 80) and image_size(out / "c.png") == (70, 50)
+    assert any("b_strip.png" in m and m.startswith("cannot") for m in log)
+
+
+def test_a_drawing_failure_is_named_and_skipped(stub_config, tmp_path, monkeypatch):
+    paths = [write_image(tmp_path / f"{n}.png", 20, 30, seed=i) for i, n in enumerate("abc")]
+    original = demo.draw_image
+
+    def draw(image, prediction, *args):
+        if image.shape[0] == 21:
+            raise ValueError("cannot draw this one")
+        return original(image, prediction, *args)
+
+    write_image(tmp_path / "b.png", 21, 30)
+    monkeypatch.setattr(demo, "draw_image", draw)
+    out = tmp_path / "out"
+    code, log = run_demo(["--config-file", stub_config, "--input", *paths, "--output", str(out)])
+    assert code == 1 and sorted(os.listdir(out)) == ["a.png", "c.png"]
+    assert any("b.png" in m and "cannot draw this one" in m for m in log)
+
+
+def _mjpg_with_a_corrupt_frame(path, num_frames=20, corrupt=8):
+    """An MJPG AVI whose frame ``corrupt`` has its JPEG data replaced by noise; frame i is
+    filled with the value 10 * i."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (64, 48), True)
+    assert writer.isOpened()
+    for i in range(num_frames):
+        writer.write(np.full((48, 64, 3), 10 * i, np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    jpegs = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+    assert len(jpegs) == num_frames
+    noise = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    data[jpegs[corrupt]:jpegs[corrupt] + len(noise)] = noise
+    path.write_bytes(bytes(data))
+
+
+def test_video_with_a_corrupt_frame_skips_it_counts_it_and_fails(stub_config, tmp_path):
+    video = tmp_path / "clip.avi"
+    _mjpg_with_a_corrupt_frame(video)
+    capture = cv2.VideoCapture(str(video))
+    assert [capture.read()[0] for _ in range(9)][-1] is False  # OpenCV cannot decode frame 8
+    out = tmp_path / "out"
+    code, log = run_demo(["--config-file", stub_config, "--video-input", str(video), "--output", str(out),
+                          "--batch-size", "3"])
+    capture = cv2.VideoCapture(str(out / "clip.mp4"))
+    written = 0
+    while capture.read()[0]:
+        written += 1
+    # OpenCV may lose the frame after the corrupt one too: the count is what is missing of 20
+    assert code == 1 and 17 <= written <= 19  # the video goes on after the bad frame
+    lost = 20 - written
+    assert any(f"{lost} of 20 frames lost: {lost} could not be decoded" in m
+               and f"{written} frames were written" in m for m in log)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bit(tmp_path):
+    from panoptic_segformer.data.panoptic_dataset_mapper import read_image_file
+
+    ramp = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    gray, colour = tmp_path / "gray16.png", tmp_path / "colour16.png"
+    assert cv2.imwrite(str(gray), ramp) and cv2.imwrite(str(colour), np.stack([ramp, ramp[::-1], 65535 - ramp], -1))
+    expected = ramp / 257.0
+    image = read_image_file(str(gray), "BGR")
+    assert image.dtype == np.uint8 and image.shape == (32, 48, 3)
+    assert np.abs(image.astype(float) - expected[..., None]).max() <= 0.5  # not saturated
+    image = read_image_file(str(colour), "BGR")
+    assert np.abs(image.astype(float) - np.stack([expected, expected[::-1], 255 - expected], -1)).max() <= 1
+
+
+def test_large_inputs_are_drawn_at_the_bounded_size(stub_config, tmp_path):
+    path = write_image(tmp_path / "big.png", 300, 500)
+    out = tmp_path / "out.png"
+    code, _ = run_demo(["--config-file", stub_config, "--input", path, "--output", str(out),
+                        "--max-draw-size", "100"])
+    assert code == 0 and image_size(out) == (60, 100)
+    code, _ = run_demo(["--config-file", stub_config, "--input", path, "--output", str(out),
+                        "--max-draw-size", "0"])
+    assert code == 0 and image_size(out) == (300, 500)
+    assert demo.get_parser().get_default("max_draw_size") == demo.DEFAULT_MAX_DRAW_SIZE > 0
+    code, log = run_demo(["--config-file", stub_config, "--input", path, "--output", str(out),
+                          "--max-draw-size", "-1"])
+    assert code == 2 and any("--max-draw-size" in m for m in log)

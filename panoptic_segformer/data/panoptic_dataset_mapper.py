@@ -22,6 +22,8 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.file_io import PathManager
+from PIL import Image, ImageOps
 
 __all__ = [
     "RandomChoiceAugmentation",
@@ -109,15 +111,25 @@ MAPPER_AUGMENTATIONS: Dict[str, Callable] = {
 }
 
 
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL modes of 16/32-bit gray images
+
+
 def read_image_file(file_name: str, image_format: str, what: str = "image") -> np.ndarray:
-    """``detection_utils.read_image`` with errors that name the file.
+    """``detection_utils.read_image`` (EXIF orientation applied, converted to ``image_format``)
+    with errors that name the file, and 16-bit gray images scaled to 8 bits (value / 257)
+    instead of saturated by PIL's conversion. (PIL already reads 16-bit colour PNGs as 8-bit.)
 
     Raises:
         FileNotFoundError: the file does not exist.
         OSError: the file exists but cannot be decoded (corrupt or truncated).
     """
     try:
-        return utils.read_image(file_name, format=image_format)
+        with PathManager.open(file_name, "rb") as f:
+            image = ImageOps.exif_transpose(Image.open(f))
+            if image.mode in _HIGH_DEPTH_MODES:
+                scaled = np.asarray(image, dtype=np.float64) / 257.0
+                image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+            return utils.convert_PIL_to_numpy(image, image_format)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{what} file not found: {file_name}") from e
     except Exception as e:  # PIL raises several types for broken files
