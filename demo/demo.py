@@ -42,7 +42,7 @@ from panoptic_segformer.robust_inference import (  # noqa: E402
     predict_each,
 )
 
-DEFAULT_MAX_DRAW_SIZE = 2048
+DEFAULT_MAX_DRAW_SIZE = 1333  # the longer side of the default test scale: masks have no finer detail
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIEWS = ("panoptic", "instance", "semantic")
 WINDOW_NAME = "Panoptic SegFormer"
@@ -291,7 +291,8 @@ def run_on_images(predictor, paths, args, score_thresh) -> list:
     batch = []
     for index, path in enumerate(paths):
         try:
-            image = fit_within(read_image_file(path, "BGR"), args.max_draw_size)
+            image = read_image_file(path, "BGR", max_size=args.max_draw_size)
+            image = fit_within(image, args.max_draw_size)
         except Exception as e:  # any decoding problem: report the file by name, go on
             fail(path, "read", e)
             progress.update(1)

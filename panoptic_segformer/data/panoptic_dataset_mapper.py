@@ -14,6 +14,7 @@ Training targets follow SPEC §5.0 and Appendix A:
 """
 import copy
 import logging
+import math
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -114,10 +115,14 @@ MAPPER_AUGMENTATIONS: Dict[str, Callable] = {
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL modes of 16/32-bit gray images
 
 
-def read_image_file(file_name: str, image_format: str, what: str = "image") -> np.ndarray:
+def read_image_file(file_name: str, image_format: str, what: str = "image", max_size: int = 0) -> np.ndarray:
     """``detection_utils.read_image`` (EXIF orientation applied, converted to ``image_format``)
     with errors that name the file, and 16-bit gray images scaled to 8 bits (value / 257)
     instead of saturated by PIL's conversion. (PIL already reads 16-bit colour PNGs as 8-bit.)
+
+    ``max_size > 0`` lets a JPEG decode at a reduced scale (1/2, 1/4 or 1/8) that stays at least
+    as large as the image shrunk to a longer side of ``max_size``, so a caller that shrinks it
+    anyway never holds the full-size pixels; other formats decode at full size.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -125,7 +130,11 @@ def read_image_file(file_name: str, image_format: str, what: str = "image") -> n
     """
     try:
         with PathManager.open(file_name, "rb") as f:
-            image = ImageOps.exif_transpose(Image.open(f))
+            image = Image.open(f)
+            scale = max_size / max(image.size) if max_size > 0 else 1.0
+            if scale < 1.0:  # a no-op except for JPEG
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            image = ImageOps.exif_transpose(image)
             if image.mode in _HIGH_DEPTH_MODES:
                 scaled = np.asarray(image, dtype=np.float64) / 257.0
                 image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
