@@ -238,23 +238,31 @@ def test_two_gloo_processes_train_and_evaluate(tmp_path, toy_root):
     assert re.search(r"copypaste: PQ,SQ,RQ", log), "evaluation did not run"
 
 
+def _tiny_model(toy_root, prefix):
+    """The TINY quickstart config (on the toy data of ``toy_root``, registered as ``prefix``_*) and
+    its model with seeded random weights, on the CPU."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.data import register_toy_panoptic
+
+    register_toy_panoptic(toy_root, prefix=prefix)
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / "configs" / "quickstart.yaml"))
+    cfg.merge_from_list(TINY + ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", f"('{prefix}_train',)"])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg)
+
+
 def test_model_trains_on_a_batch_with_an_image_without_segments(tmp_path, toy_root):
     """The mapper's empty Instances go through the model's training step (finite losses)."""
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog
-    from detectron2.modeling import build_model
+    from panoptic_segformer.data import PanopticDatasetMapper
 
-    import panoptic_segformer.modeling.meta_arch  # noqa: F401  (registers PanopticSegFormer)
-    from panoptic_segformer import add_panoptic_segformer_config
-    from panoptic_segformer.data import PanopticDatasetMapper, register_toy_panoptic
-
-    register_toy_panoptic(toy_root, prefix="toyempty")
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(str(REPO_ROOT / "configs" / "quickstart.yaml"))
-    cfg.merge_from_list(TINY + ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('toyempty_train',)"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    cfg, model = _tiny_model(toy_root, "toyempty")
     mapper = PanopticDatasetMapper(cfg, True)
     dicts = DatasetCatalog.get("toyempty_val")[:2]
     empty = dict(dicts[1], segments_info=[])
@@ -291,20 +299,8 @@ def test_a_malicious_pkl_as_model_weights_runs_no_code(tmp_path, toy_root, mode)
 
 
 def _tiny_state_with_nan(toy_root):
-    """A state dict of the TINY quickstart model with one NaN in an encoder sampling_offsets weight."""
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from panoptic_segformer import add_panoptic_segformer_config
-    from panoptic_segformer.data import register_toy_panoptic
-
-    register_toy_panoptic(toy_root, prefix="toynan")
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(str(REPO_ROOT / "configs" / "quickstart.yaml"))
-    cfg.merge_from_list(TINY + ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('toynan_train',)"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    """The TINY quickstart config and model with one NaN in an encoder sampling_offsets weight."""
+    cfg, model = _tiny_model(toy_root, "toynan")
     name = next(n for n, _ in model.named_parameters() if "encoder" in n and n.endswith("sampling_offsets.weight"))
     with torch.no_grad():
         dict(model.named_parameters())[name][3, 5] = float("nan")
