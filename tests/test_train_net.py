@@ -258,8 +258,8 @@ def _tiny_model(toy_root, prefix):
 
 def test_model_trains_on_a_batch_with_an_image_without_segments(tmp_path, toy_root):
     """The mapper's empty Instances go through the model's training step (finite losses)."""
-    from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog
+
     from panoptic_segformer.data import PanopticDatasetMapper
 
     cfg, model = _tiny_model(toy_root, "toyempty")
