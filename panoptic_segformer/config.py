@@ -102,8 +102,6 @@ _MIN_SIZES = {
     "ENC_N_POINTS": 1, "DEC_N_POINTS": 1, "NUM_QUERIES": 1, "THING_MASK_DECODER_LAYERS": 0,
     "STUFF_MASK_DECODER_LAYERS": 1, "MASK_DECODER_MLP_RATIO": 1, "TEST.NUM_THING_CANDIDATES": 1,
 }
-_UNIT_INTERVAL = ("TEST.THING_SCORE_THRESH", "TEST.STUFF_SCORE_THRESH", "TEST.THING_OVERLAP_THRESH",
-                  "TEST.STUFF_OVERLAP_THRESH")
 
 
 def check_panoptic_segformer_config(cfg) -> None:
@@ -133,9 +131,6 @@ def check_panoptic_segformer_config(cfg) -> None:
         fail("NUM_FEATURE_LEVELS", f"must be >= the {len(m.IN_FEATURES)} IN_FEATURES {list(m.IN_FEATURES)}")
     if not 0.0 <= m.DROPOUT < 1.0:
         fail("DROPOUT", "must be in [0, 1)")
-    for key in _UNIT_INTERVAL:
-        if not 0.0 <= get(key) <= 1.0:
-            fail(key, "must be in [0, 1]")
 
 
 def get_panoptic_segformer_cfg(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None) -> CN:

@@ -62,7 +62,6 @@ def test_invalid_model_sizes_name_the_key():
         ("NUM_FEATURE_LEVELS", "2", "NUM_FEATURE_LEVELS = 2: must be >= the 3 IN_FEATURES"),
         ("DROPOUT", "1.5", r"DROPOUT = 1.5: must be in \[0, 1\)"),
         ("TEST.NUM_THING_CANDIDATES", "0", "NUM_THING_CANDIDATES = 0"),
-        ("TEST.THING_SCORE_THRESH", "2.0", "THING_SCORE_THRESH = 2.0"),
     ]
     for key, value, message in cases:
         cfg = get_panoptic_segformer_cfg(quickstart, [f"MODEL.PANOPTIC_SEGFORMER.{key}", value], device="cpu")
