@@ -32,6 +32,7 @@ from panoptic_segformer.checkpoint import SafeCheckpointer
 from panoptic_segformer.engine import (
     build_evaluator,
     build_optimizer,
+    build_test_loader,
     build_train_loader,
     build_train_loop,
     wrap_ddp,
@@ -39,7 +40,7 @@ from panoptic_segformer.engine import (
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the project's optimizer, loader, evaluator and AMP loop.
+    """DefaultTrainer with the project's optimizer, loaders, evaluator and AMP loop.
 
     ``__init__`` follows ``DefaultTrainer.__init__`` step by step, except that DDP also works on
     CPU (gloo), AMP runs on any device in ``SOLVER.AMP.PRECISION`` and checkpoints go through
@@ -71,6 +72,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

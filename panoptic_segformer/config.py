@@ -21,6 +21,9 @@ def add_panoptic_segformer_config(cfg):
     m.NUM_FEATURE_LEVELS = 4  # the 3 projected maps + one 3x3 stride-2 conv on the last raw map
     m.NECK_NUM_GROUPS = 32
     m.SIZE_DIVISIBILITY = 32
+    # inference exactly as the official test pipeline (the *_official.yaml configs): images one at a
+    # time without padding, resized with cv2 by mmcv's imrescale rule (README, "Using the official weights")
+    m.OFFICIAL_COMPAT = False
     # deformable encoder and location decoder
     m.NHEADS = 8
     m.ENC_LAYERS = 6

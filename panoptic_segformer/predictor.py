@@ -2,7 +2,8 @@
 
 ``Predictor`` is the programmatic entry point used by ``demo/demo.py``. Unlike Detectron2's
 ``DefaultPredictor`` it takes a list of images and runs them through the model ``batch_size`` at
-a time; every image is resized to the test scale (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``) and
+a time; every image is resized to the test scale (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, with
+the official resize under ``MODEL.PANOPTIC_SEGFORMER.OFFICIAL_COMPAT``) and
 its outputs come back at its original size, in Detectron2's format (``panoptic_seg``, optionally
 ``instances`` and ``sem_seg``).
 """
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import detectron2.data.transforms as T
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 from .checkpoint import SafeCheckpointer
+from .data.test_resize import build_test_resize
 
 __all__ = ["Predictor", "load_weights"]
 
@@ -83,6 +84,7 @@ class Predictor:
         max_size_test: int,
         model_input_format: str = "RGB",
         batch_size: int = 1,
+        official_resize: bool = False,
     ):
         """
         Args:
@@ -93,6 +95,8 @@ class Predictor:
             min_size_test, max_size_test: test-time ResizeShortestEdge; 0 = no resizing.
             model_input_format: "RGB" or "BGR", the channel order the model expects.
             batch_size: images per forward pass.
+            official_resize: resize as the official test pipeline (mmcv's size rule, OpenCV
+                bilinear) instead of Detectron2's ``ResizeShortestEdge`` (PIL bilinear).
         """
         if model_input_format not in ("RGB", "BGR"):
             raise ValueError(
@@ -102,7 +106,7 @@ class Predictor:
         self.metadata = metadata
         self.model_input_format = model_input_format
         self.batch_size = _check_batch_size(batch_size)
-        self.aug = T.ResizeShortestEdge([min_size_test, min_size_test], max_size_test)
+        self.aug = build_test_resize(min_size_test, max_size_test, official_resize)
 
     @classmethod
     def from_config(cls, cfg, *, batch_size: int = 1, trust_checkpoint: bool = False):
@@ -122,6 +126,7 @@ class Predictor:
             "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
             "model_input_format": cfg.INPUT.FORMAT,
             "batch_size": batch_size,
+            "official_resize": bool(cfg.MODEL.get("PANOPTIC_SEGFORMER", {}).get("OFFICIAL_COMPAT", False)),
         }
 
     def __call__(

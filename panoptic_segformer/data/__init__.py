@@ -1,4 +1,4 @@
-"""Data: panoptic dataset registration, the toy dataset and the training mapper.
+"""Data: panoptic dataset registration, the toy dataset, the mapper and the test-time resize.
 
 Importing this package registers
 
@@ -24,6 +24,7 @@ from .panoptic_dataset_mapper import (
     build_detr_augmentation,
     build_lsj_augmentation,
 )
+from .test_resize import CV2ResizeTransform, MMCVRescale, build_test_augmentation, build_test_resize
 from .toy_dataset import TOY_CATEGORIES, default_toy_root, register_toy_panoptic
 
 register_toy_panoptic()
@@ -36,12 +37,16 @@ if os.path.isdir(_COCO_SAMPLE):
     register_coco_panoptic_sample(os.path.normpath(_COCO_SAMPLE))
 
 __all__ = [
+    "CV2ResizeTransform",
+    "MMCVRescale",
     "PanopticDatasetMapper",
     "adopt_coco_panoptic_datasets",
     "RandomChoiceAugmentation",
     "TOY_CATEGORIES",
     "build_detr_augmentation",
     "build_lsj_augmentation",
+    "build_test_augmentation",
+    "build_test_resize",
     "default_toy_root",
     "load_panoptic_json",
     "panoptic_metadata_from_categories",

@@ -26,6 +26,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
+from .test_resize import build_test_augmentation
+
 __all__ = [
     "RandomChoiceAugmentation",
     "build_detr_augmentation",
@@ -181,7 +183,7 @@ class PanopticDatasetMapper:
                 )
             augs = MAPPER_AUGMENTATIONS[name](cfg)
         else:
-            augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+            augs = build_test_augmentation(cfg)
         return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT}
 
     def __call__(self, dataset_dict: Dict) -> Dict:

@@ -13,7 +13,7 @@ from .optimizer import (
     build_optimizer,
     get_param_groups,
 )
-from .train_loop import build_train_loader, build_train_loop, wrap_ddp
+from .train_loop import build_test_loader, build_train_loader, build_train_loop, wrap_ddp
 
 __all__ = [
     "AutocastTrainer",
@@ -26,6 +26,7 @@ __all__ = [
     "amp_dtype",
     "build_evaluator",
     "build_optimizer",
+    "build_test_loader",
     "build_train_loader",
     "build_train_loop",
     "get_param_groups",

@@ -1,19 +1,26 @@
-"""Pieces of the training loop: data loader, DDP wrapping and the (AMP) step loop."""
+"""Pieces of the training loop: data loaders, DDP wrapping and the (AMP) step loop."""
 import torch
-from detectron2.data import build_detection_train_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import SimpleTrainer, create_ddp_model
 from detectron2.utils import comm
 
 from ..data import PanopticDatasetMapper
 from .amp import AutocastTrainer, amp_dtype
 
-__all__ = ["build_train_loader", "wrap_ddp", "build_train_loop"]
+__all__ = ["build_train_loader", "build_test_loader", "wrap_ddp", "build_train_loop"]
 
 
 def build_train_loader(cfg):
     """Detectron2's train loader with :class:`PanopticDatasetMapper` (augmentation chosen by
     ``INPUT.DATASET_MAPPER_NAME``: "panoptic_detr" or "panoptic_lsj")."""
     return build_detection_train_loader(cfg, mapper=PanopticDatasetMapper(cfg, True))
+
+
+def build_test_loader(cfg, dataset_name: str):
+    """Detectron2's test loader with :class:`PanopticDatasetMapper` in test mode: the image
+    resized by :func:`~panoptic_segformer.data.build_test_augmentation` (the official resize
+    under ``MODEL.PANOPTIC_SEGFORMER.OFFICIAL_COMPAT``)."""
+    return build_detection_test_loader(cfg, dataset_name, mapper=PanopticDatasetMapper(cfg, False))
 
 
 def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:

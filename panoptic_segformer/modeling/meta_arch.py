@@ -8,6 +8,12 @@ through per-level masks computed from the valid sizes, never by interpolating a 
 (the neck's GroupNorm uses valid pixels only, attentions mask padded tokens, the mask decoders
 never read padded tokens inside the valid area).
 
+Official-compatible inference (``official_compat``, ``MODEL.PANOPTIC_SEGFORMER.OFFICIAL_COMPAT``):
+the official test pipeline runs one image at a time without any padding (``Pad(size_divisor=1)``,
+batch size 1, SPEC §6). In this mode inference does the same: a batch runs image by image, each
+at its own size, so the backbone never sees padding and the mask decoders upsample the coarse
+levels to the unpadded stride-8 size, as the official code does. Training is unaffected.
+
 The forward pass is split into stages that can be timed from outside:
 :meth:`_backbone_features`, :meth:`_encode` (neck + encoder), :meth:`_locate`,
 :meth:`_decode_masks` and :meth:`_merge`.
@@ -113,14 +119,17 @@ class PanopticSegFormer(nn.Module):
         panoptic_on: bool = True,
         instance_on: bool = False,
         semantic_on: bool = False,
+        official_compat: bool = False,
     ):
         """
         Args:
             thing_ids / stuff_ids: contiguous dataset id of each thing / stuff class index.
             size_divisibility: images are padded to a multiple of it; must be a multiple of
-                the largest backbone stride.
+                the largest backbone stride. Unused at inference with ``official_compat``.
             num_thing_candidates: top-k (query, class) pairs kept at inference (SPEC §6).
             the thresholds: mask-wise merging (SPEC §6, :func:`mask_wise_merging`).
+            official_compat: inference runs image by image without padding, as the official
+                test pipeline (see the module docstring).
         """
         super().__init__()
         self.backbone = backbone
@@ -149,6 +158,9 @@ class PanopticSegFormer(nn.Module):
         self.num_classes = max(list(thing_ids) + list(stuff_ids)) + 1
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # the official normalisation (mmcv imnormalize): (x - mean) * float32(1 / std in float64)
+        inv_std = (1 / torch.tensor(pixel_std, dtype=torch.float64)).float()
+        self.register_buffer("_pixel_inv_std", inv_std.view(-1, 1, 1), False)
         self.register_buffer("thing_ids", torch.as_tensor(thing_ids, dtype=torch.long), False)
         self.register_buffer("stuff_ids", torch.as_tensor(stuff_ids, dtype=torch.long), False)
         # contiguous id -> index among things (>= 0) or stuff (encoded as -1 - index); invalid ids
@@ -174,6 +186,7 @@ class PanopticSegFormer(nn.Module):
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
         self.semantic_on = semantic_on
+        self.official_compat = official_compat
 
     @classmethod
     def from_config(cls, cfg):
@@ -212,6 +225,7 @@ class PanopticSegFormer(nn.Module):
             "panoptic_on": t.PANOPTIC_ON,
             "instance_on": t.INSTANCE_ON,
             "semantic_on": t.SEMANTIC_ON,
+            "official_compat": m.OFFICIAL_COMPAT,
         }
 
     @property
@@ -220,6 +234,8 @@ class PanopticSegFormer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
+        if self.official_compat and not self.training and len(batched_inputs) > 1:
+            return [out for x in batched_inputs for out in self.forward([x])]
         images, image_sizes, batch_size = self.preprocess_image(batched_inputs)
         features = self._backbone_features(images, image_sizes, batch_size)
         enc = self._encode(features, image_sizes)
@@ -238,9 +254,9 @@ class PanopticSegFormer(nn.Module):
             img = x["image"]
             if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
                 raise ValueError(f"image {i} must be ({self.pixel_mean.shape[0]}, h, w), got {tuple(img.shape)}")
-            images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
+            images.append((img.to(self.device).float() - self.pixel_mean) * self._pixel_inv_std)
         image_sizes = [tuple(img.shape[-2:]) for img in images]
-        d = self.size_divisibility
+        d = self._pad_divisor()
         batch_size = (
             max(_ceil_to(h, d) for h, _ in image_sizes),
             max(_ceil_to(w, d) for _, w in image_sizes),
@@ -251,8 +267,9 @@ class PanopticSegFormer(nn.Module):
         """Backbone maps ``in_features`` as a list of (B, C_l, H / s_l, W / s_l) for the padded batch (H, W).
 
         Images sharing the same padded size run together; maps of smaller groups are zero-padded.
+        A level of stride s of an (h, w) input is (ceil(h / s), ceil(w / s)).
         """
-        d = self.size_divisibility
+        d = self._pad_divisor()
         groups: Dict[Tuple[int, int], List[int]] = {}
         for i, (h, w) in enumerate(image_sizes):
             groups.setdefault((_ceil_to(h, d), _ceil_to(w, d)), []).append(i)
@@ -263,12 +280,13 @@ class PanopticSegFormer(nn.Module):
             maps = []
             for f, s in zip(self.in_features, self.backbone_strides):
                 y = feats[f]
-                if tuple(y.shape[-2:]) != (gh // s, gw // s):
+                if tuple(y.shape[-2:]) != (_ceil_div(gh, s), _ceil_div(gw, s)):
                     raise RuntimeError(
                         f"backbone feature {f!r} (stride {s}) of a {gh}x{gw} input has size "
-                        f"{tuple(y.shape[-2:])}, expected {(gh // s, gw // s)}"
+                        f"{tuple(y.shape[-2:])}, expected {(_ceil_div(gh, s), _ceil_div(gw, s))}"
                     )
-                maps.append(F.pad(y, (0, batch_size[1] // s - y.shape[-1], 0, batch_size[0] // s - y.shape[-2])))
+                pad_h, pad_w = _ceil_div(batch_size[0], s) - y.shape[-2], _ceil_div(batch_size[1], s) - y.shape[-1]
+                maps.append(F.pad(y, (0, pad_w, 0, pad_h)))
             per_group.append(maps)
             order.extend(idx)
         if len(per_group) == 1:
@@ -277,6 +295,10 @@ class PanopticSegFormer(nn.Module):
         inverse[torch.as_tensor(order)] = torch.arange(len(order))
         inverse = inverse.to(self.device)
         return [torch.cat(level, 0)[inverse] for level in zip(*per_group)]
+
+    def _pad_divisor(self) -> int:
+        """Images are padded to a multiple of this: 1 (no padding) at official-compatible inference."""
+        return 1 if self.official_compat and not self.training else self.size_divisibility
 
     def level_masks(self, image_sizes, level_shapes) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Padding masks of every level from the valid image sizes (interface D).
@@ -501,6 +523,10 @@ class PanopticSegFormer(nn.Module):
 
 def _ceil_to(x: int, d: int) -> int:
     return (x + d - 1) // d * d
+
+
+def _ceil_div(x: int, d: int) -> int:
+    return (x + d - 1) // d
 
 
 def _resize(masks: torch.Tensor, size) -> torch.Tensor:
