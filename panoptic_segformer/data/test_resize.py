@@ -38,7 +38,7 @@ class CV2ResizeTransform(T.ResizeTransform):
         """img: (h, w) or (h, w, C) array -> (new_h, new_w[, C]) of the same dtype."""
         if img.shape[:2] != (self.h, self.w):
             raise ValueError(f"CV2ResizeTransform expects an image of size {(self.h, self.w)}, got {img.shape[:2]}")
-        out = cv2.resize(img, (self.new_w, self.new_h), interpolation=_CV2_INTERP[interp or self.interp])
+        out = cv2.resize(img, (self.new_w, self.new_h), interpolation=_CV2_INTERP[self.interp if interp is None else interp])
         return out.reshape(self.new_h, self.new_w, *img.shape[2:])  # cv2 drops a trailing channel of 1
 
 
