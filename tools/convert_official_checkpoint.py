@@ -3,8 +3,12 @@
 ``{"model": state_dict}`` .pth of tensors that ``DetectionCheckpointer`` / ``Predictor`` load with
 ``torch.load(weights_only=True)``.
 
-    python tools/convert_official_checkpoint.py panformer_r50_24e.pth R50_official.pth \
-        --config-file configs/R50.yaml
+    python tools/convert_official_checkpoint.py panoptic_segformer_r50_2x.pth R50_official.pth \
+        --config-file configs/R50_official.yaml
+
+Run the converted weights with the release's ``configs/*_official.yaml`` (``MODEL.PANOPTIC_SEGFORMER.
+OFFICIAL_COMPAT``): inference then follows the official test pipeline exactly (README, "Using the
+official weights"); the plain configs pad images and do not reproduce the official outputs.
 
 The model of ``--config-file`` is built (random weights, on the CPU, class counts from the
 metadata of DATASETS.TRAIN[0]) and every converted tensor must match one of its parameters or
