@@ -16,14 +16,18 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights, const at::Tensor& grad_output) {
+  const char* op = "panoptic_segformer::ms_deform_attn_backward (CPU)";
   std::vector<Level> levels;
-  const Sizes z = check_and_read_levels(value, spatial_shapes, level_start_index, sampling_locations,
+  const Sizes z = check_and_read_levels(op, value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights, levels);
-  TORCH_CHECK(grad_output.device().is_cpu() && grad_output.scalar_type() == value.scalar_type(),
-              "grad_output must be a CPU tensor of the dtype of value");
+  TORCH_CHECK(grad_output.device().is_cpu(), op, ": grad_output must be a CPU tensor, got one on ",
+              grad_output.device());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), op, ": grad_output must have the dtype of value (",
+              value.scalar_type(), "), got ", grad_output.scalar_type());
   TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == z.n && grad_output.size(1) == z.lq &&
                   grad_output.size(2) == z.m * z.d,
-              "grad_output must be (N, Lq, M*D), got ", grad_output.sizes());
+              op, ": grad_output must be (N=", z.n, ", Lq=", z.lq, ", M*D=", z.m * z.d, "), got shape ",
+              grad_output.sizes());
   const at::Tensor v = value.contiguous();
   const at::Tensor loc = sampling_locations.contiguous();
   const at::Tensor attn = attention_weights.contiguous();
@@ -45,11 +49,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     at::Tensor acc = direct ? grad_value
                             : at::zeros({chunks, z.n, z.s, z.m, z.d},
                                         v.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    backward_dispatch<scalar_t>(v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(),
-                              attn.const_data_ptr<scalar_t>(), go.const_data_ptr<scalar_t>(),
-                              static_cast<acc_t*>(acc.mutable_data_ptr()), grad_loc.mutable_data_ptr<scalar_t>(),
-                              grad_attn.mutable_data_ptr<scalar_t>(), z, levels, chunks);
-    if (!direct) grad_value.copy_(acc.sum(0));
+    PSF_DISPATCH_LOC_TYPE(scalar_t, loc.scalar_type(), [&] {
+      backward_dispatch<scalar_t, loc_t>(v.const_data_ptr<scalar_t>(), loc.const_data_ptr<loc_t>(),
+                                         attn.const_data_ptr<loc_t>(), go.const_data_ptr<scalar_t>(),
+                                         static_cast<acc_t*>(acc.mutable_data_ptr()),
+                                         grad_loc.mutable_data_ptr<loc_t>(), grad_attn.mutable_data_ptr<loc_t>(), z,
+                                         levels, chunks);
+    });
+    if (!direct) grad_value.copy_(chunks == 1 ? acc.select(0, 0) : acc.sum(0));
   });
   return {grad_value, grad_loc, grad_attn};
 }

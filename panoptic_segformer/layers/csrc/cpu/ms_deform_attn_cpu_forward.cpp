@@ -13,16 +13,18 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
   std::vector<Level> levels;
-  const Sizes z = check_and_read_levels(value, spatial_shapes, level_start_index, sampling_locations,
-                                        attention_weights, levels);
+  const Sizes z = check_and_read_levels("panoptic_segformer::ms_deform_attn_forward (CPU)", value, spatial_shapes,
+                                        level_start_index, sampling_locations, attention_weights, levels);
   const at::Tensor v = value.contiguous();
   const at::Tensor loc = sampling_locations.contiguous();
   const at::Tensor attn = attention_weights.contiguous();
   at::Tensor out = at::empty({z.n, z.lq, z.m * z.d}, value.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_dispatch<scalar_t>(v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(),
-                               attn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), z, levels);
+    PSF_DISPATCH_LOC_TYPE(scalar_t, loc.scalar_type(), [&] {
+      forward_dispatch<scalar_t, loc_t>(v.const_data_ptr<scalar_t>(), loc.const_data_ptr<loc_t>(),
+                                        attn.const_data_ptr<loc_t>(), out.mutable_data_ptr<scalar_t>(), z, levels);
+    });
   });
   return out;
 }
