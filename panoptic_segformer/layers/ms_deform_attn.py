@@ -38,20 +38,22 @@ _BACKENDS = ("auto", "compiled", "pytorch")
 _COMPILED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "meta": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
 _REDUCED = (torch.float16, torch.bfloat16)
 _warned = set()
 
 
 def compiled_available(device_type="cpu"):
-    """True when the compiled op was built and supports ``device_type`` ("cpu" or "cuda")."""
+    """True when the compiled op was built and supports ``device_type`` ("cpu", "cuda", or "meta":
+    output shapes only)."""
     if _C is None:
         return False
     if device_type == "cpu":
         return True
     if device_type == "cuda":
         return bool(_C.cuda_compiled())
-    return False
+    return device_type == "meta"  # shapes only, from the fake kernel
 
 
 def _unavailable_reason(device_type, dtype):
@@ -107,7 +109,11 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
 
     for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if t.device != value.device:
-            raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
+            raise ValueError(f"{name} is on {t.device} but value is on {value.device}{_META_HINT * _is_meta(t, value)}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        # may stay on the CPU (moved to value's device here); a meta tensor has no values to read
+        if t.device.type == "meta" and value.device.type != "meta":
+            raise ValueError(f"{name} is on meta but value is on {value.device}{_META_HINT}")
 
     n, s, m, _ = value.shape
     n_levels = spatial_shapes.shape[0]
@@ -130,29 +136,41 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
             f"attention_weights must have shape (N, Lq, M, L, P) = {tuple(ls[:5])} matching "
             f"sampling_locations, got {tuple(attention_weights.shape)}"
         )
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and "meta" not in (spatial_shapes.device.type, level_start_index.device.type):
         _check_level_values(spatial_shapes, level_start_index, s)
     return spatial_shapes, level_start_index
 
 
+_META_HINT = (
+    " (a meta tensor has a shape but no data: move every input to one real device, or all of them to meta"
+    " for shape inference)"
+)
+_INT64_MAX = 2**63 - 1
+
+
+def _is_meta(*tensors):
+    return any(t.device.type == "meta" for t in tensors)
+
+
 def _check_level_values(spatial_shapes, level_start_index, s):
     """Value checks (one small host copy): positive sizes, sum H*W == S, contiguous level starts."""
-    shapes = spatial_shapes.detach().cpu()
-    starts = level_start_index.detach().cpu()
-    if bool((shapes <= 0).any()):
-        raise ValueError(f"spatial_shapes must be positive (H, W) pairs, got {shapes.tolist()}")
-    areas = shapes[:, 0] * shapes[:, 1]
-    total = int(areas.sum())
+    shapes = spatial_shapes.detach().cpu().tolist()
+    starts = level_start_index.detach().cpu().tolist()
+    if any(h <= 0 or w <= 0 for h, w in shapes):
+        raise ValueError(f"spatial_shapes must be positive (H, W) pairs, got {shapes}")
+    # Python ints: exact even where int64 arithmetic would wrap
+    areas = [h * w for h, w in shapes]
+    for lvl, ((h, w), area) in enumerate(zip(shapes, areas)):
+        if area > _INT64_MAX:
+            raise ValueError(f"spatial_shapes[{lvl}] = ({h}, {w}): H*W = {area} overflows int64")
+    total = sum(areas)
+    if total > _INT64_MAX:
+        raise ValueError(f"spatial_shapes {shapes}: sum(H*W) = {total} overflows int64")
     if total != s:
-        raise ValueError(
-            f"spatial_shapes {shapes.tolist()} cover sum(H*W) = {total} tokens but value has S = {s}"
-        )
-    expected = torch.cumsum(areas, 0) - areas
-    if not torch.equal(starts, expected):
-        raise ValueError(
-            f"level_start_index must be {expected.tolist()} for spatial_shapes {shapes.tolist()}, "
-            f"got {starts.tolist()}"
-        )
+        raise ValueError(f"spatial_shapes {shapes} cover sum(H*W) = {total} tokens but value has S = {s}")
+    expected = [sum(areas[:lvl]) for lvl in range(len(areas))]
+    if starts != expected:
+        raise ValueError(f"level_start_index must be {expected} for spatial_shapes {shapes}, got {starts}")
 
 
 # --------------------------------------------------------------------------- reference path
@@ -169,6 +187,8 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
 
 
 def _pytorch_impl(value, spatial_shapes, sampling_locations, attention_weights):
+    if spatial_shapes.device.type == "meta":
+        raise ValueError("the PyTorch path reads spatial_shapes, so it must hold data: pass it on the CPU" + _META_HINT)
     if sampling_locations.dtype != value.dtype:  # float16/bfloat16 value with float32 locations
         out = _pytorch_impl(value.to(sampling_locations.dtype), spatial_shapes, sampling_locations, attention_weights)
         return out.to(value.dtype)
@@ -191,17 +211,70 @@ def _pytorch_impl(value, spatial_shapes, sampling_locations, attention_weights):
 
 
 # --------------------------------------------------------------------------- compiled path
+def _check_op_args(op, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output=None):
+    """Checks of the C++ kernels (devices, ranks, dtypes, sizes) for the fake kernels; RuntimeError."""
+    named = [("value", value), ("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
+             ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)]
+    if grad_output is not None:
+        named.append(("grad_output", grad_output))
+    for name, t in named:
+        if t.device != value.device:
+            raise RuntimeError(f"{op}: {name} must be on {value.device} (the device of value), got {t.device}")
+    for name, t, rank, layout in (("value", value, 4, "(N, S, M, D)"), ("spatial_shapes", spatial_shapes, 2, "(L, 2)"),
+                                  ("level_start_index", level_start_index, 1, "(L,)"),
+                                  ("sampling_locations", sampling_locations, 6, "(N, Lq, M, L, P, 2)"),
+                                  ("attention_weights", attention_weights, 5, "(N, Lq, M, L, P)")):
+        if t.dim() != rank:
+            raise RuntimeError(f"{op}: {name} must be {rank}-d {layout}, got shape {tuple(t.shape)}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.dtype != torch.int64:
+            raise RuntimeError(f"{op}: {name} must be int64, got {t.dtype}")
+    if value.dtype not in _COMPILED_DTYPES["cpu"]:
+        raise RuntimeError(f"{op}: value must be float32, float64, float16 or bfloat16, got {value.dtype}")
+    loc_dtypes = (value.dtype, torch.float32) if value.dtype in _REDUCED else (value.dtype,)
+    if sampling_locations.dtype not in loc_dtypes or attention_weights.dtype != sampling_locations.dtype:
+        raise RuntimeError(
+            f"{op}: sampling_locations and attention_weights must share one dtype, that of value ({value.dtype})"
+            f"{' or float32' if value.dtype in _REDUCED else ''}; got {sampling_locations.dtype} and "
+            f"{attention_weights.dtype}"
+        )
+    n, _, m, d = value.shape
+    n_levels = spatial_shapes.shape[0]
+    ls = sampling_locations.shape
+    torch._check(spatial_shapes.shape[1] == 2 and level_start_index.shape[0] == n_levels,
+                 lambda: f"{op}: spatial_shapes must be (L, 2) and level_start_index (L,), got "
+                         f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+    torch._check(ls[0] == n and ls[2] == m and ls[3] == n_levels and ls[5] == 2,
+                 lambda: f"{op}: sampling_locations must be (N={n}, Lq, M={m}, L={n_levels}, P, 2), got {tuple(ls)}")
+    torch._check(tuple(attention_weights.shape) == tuple(ls[:5]),
+                 lambda: f"{op}: attention_weights must be (N, Lq, M, L, P) = {tuple(ls[:5])}, got "
+                         f"{tuple(attention_weights.shape)}")
+    if grad_output is not None:
+        if grad_output.dtype != value.dtype:
+            raise RuntimeError(f"{op}: grad_output must have the dtype of value ({value.dtype}), got {grad_output.dtype}")
+        torch._check(tuple(grad_output.shape) == (n, ls[1], m * d),
+                     lambda: f"{op}: grad_output must be (N, Lq, M*D) = {(n, ls[1], m * d)}, got "
+                             f"{tuple(grad_output.shape)}")
+
+
 if _C is not None:
     _fwd_op = torch.ops.panoptic_segformer.ms_deform_attn_forward
     _bwd_op = torch.ops.panoptic_segformer.ms_deform_attn_backward
 
+    # The fake kernels give output shapes under torch.compile / torch.export (fake tensors) and
+    # for meta tensors.  The dispatcher also routes a call to them when any one argument is a
+    # meta tensor, so they check what the C++ kernels check and raise like them.
     @torch.library.register_fake("panoptic_segformer::ms_deform_attn_forward")
     def _fwd_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        _check_op_args("panoptic_segformer::ms_deform_attn_forward", *args)
         n, _, m, d = value.shape
         return value.new_empty((n, sampling_locations.shape[1], m * d))
 
     @torch.library.register_fake("panoptic_segformer::ms_deform_attn_backward")
     def _bwd_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+        args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        _check_op_args("panoptic_segformer::ms_deform_attn_backward", *args, grad_output=grad_output)
         return (torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights))
 
     def _fwd_setup_context(ctx, inputs, output):
@@ -264,11 +337,6 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             warnings.warn(f"ms_deform_attn: {reason}; using the slower PyTorch (grid_sample) path", stacklevel=2)
         return _pytorch_impl(value, spatial_shapes, sampling_locations, attention_weights)
     device = value.device
-    if device.type == "cpu" and sampling_locations.dtype != value.dtype:
-        # float16/bfloat16 value with float32 locations: the CPU kernel wants one dtype, and
-        # rounding the locations would cost sub-pixel precision, so compute in float32
-        out = ms_deform_attn(value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights, backend)
-        return out.to(value.dtype)
     return _fwd_op(
         value.contiguous(),
         spatial_shapes.to(device).contiguous(),

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .ms_deform_attn import ms_deform_attn
+from .ms_deform_attn import _META_HINT, ms_deform_attn
 
 __all__ = ["MSDeformAttn"]
 
@@ -93,6 +93,8 @@ class MSDeformAttn(nn.Module):
         if not isinstance(spatial_shapes, torch.Tensor) or tuple(spatial_shapes.shape) != (self.n_levels, 2):
             raise ValueError(f"spatial_shapes must be ({self.n_levels}, 2), got {_shape(spatial_shapes)}")
 
+        self._check_devices(query, reference_points, value, spatial_shapes, level_start_index, padding_mask)
+
         m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
         v = self.value_proj(value)
         if padding_mask is not None:
@@ -121,6 +123,23 @@ class MSDeformAttn(nn.Module):
             locs = ref[:, :, None, :, None, :2] + offsets / n_points * ref[:, :, None, :, None, 2:] * 0.5
         out = ms_deform_attn(v, spatial_shapes, level_start_index, locs, weights, backend=self.backend)
         return self.output_proj(out)
+
+    def _check_devices(self, query, reference_points, value, spatial_shapes, level_start_index, padding_mask):
+        """Inputs on the parameters' device (spatial_shapes / level_start_index may stay on the
+        CPU); a clear error instead of a device mismatch deep inside a projection."""
+        device = self.value_proj.weight.device
+        named = [("query", query), ("reference_points", reference_points), ("value", value)]
+        if padding_mask is not None:
+            named.append(("padding_mask", padding_mask))
+        for name, t in named:
+            if t.device != device:
+                raise ValueError(
+                    f"{name} is on {t.device} but the MSDeformAttn parameters are on {device}"
+                    f"{_META_HINT * (t.device.type == 'meta' or device.type == 'meta')}"
+                )
+        for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+            if isinstance(t, torch.Tensor) and t.device.type == "meta" and device.type != "meta":
+                raise ValueError(f"{name} is on meta but the MSDeformAttn parameters are on {device}{_META_HINT}")
 
     def extra_repr(self):
         return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"

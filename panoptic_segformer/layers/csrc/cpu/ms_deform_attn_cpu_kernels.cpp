@@ -25,19 +25,24 @@
 #define PSF_HAS_X86_VARIANTS 0
 #endif
 
-// 64-byte vectors passed between inline functions change the ABI without AVX-512: harmless
-// here (everything is internal), so silence GCC's note.
+// Vectors wider than the baseline's in (inlined, internal) function signatures: GCC notes an
+// ABI change that cannot matter here.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+// The per-sample helpers of the kernels are inlined, so the hot loops have no calls.
+#define PSF_INLINE inline __attribute__((always_inline))
 
 namespace panoptic_segformer {
 namespace cpu {
 
+#define PSF_VEC_BYTES 16
 namespace baseline {
 namespace {
 #include "ms_deform_attn_cpu_vec.inc"
 #include "ms_deform_attn_cpu_kernels.inc"
 }  // namespace
 }  // namespace baseline
+#undef PSF_VEC_BYTES
 
 #if PSF_HAS_X86_VARIANTS
 #if defined(__clang__)
@@ -46,12 +51,14 @@ namespace {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
+#define PSF_VEC_BYTES 32
 namespace avx2 {
 namespace {
 #include "ms_deform_attn_cpu_vec.inc"
 #include "ms_deform_attn_cpu_kernels.inc"
 }  // namespace
 }  // namespace avx2
+#undef PSF_VEC_BYTES
 #if defined(__clang__)
 #pragma clang attribute pop
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), apply_to = function)
@@ -60,12 +67,14 @@ namespace {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
 #endif
+#define PSF_VEC_BYTES 64
 namespace avx512 {
 namespace {
 #include "ms_deform_attn_cpu_vec.inc"
 #include "ms_deform_attn_cpu_kernels.inc"
 }  // namespace
 }  // namespace avx512
+#undef PSF_VEC_BYTES
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
