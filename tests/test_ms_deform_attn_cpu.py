@@ -301,6 +301,9 @@ INVALID = {
     "weights_dtype": (_replace(4, lambda t: t.float()), TypeError, "attention_weights"),
     "weights_not_tensor": (_replace(4, lambda t: 0.5), TypeError, "attention_weights"),
     "locs_on_meta_device": (_replace(3, lambda t: t.to("meta")), ValueError, "sampling_locations"),
+    "value_on_meta_device": (_replace(0, lambda t: t.to("meta")), ValueError, "value is on meta .*no data"),
+    "shapes_on_meta_device": (_replace(1, lambda t: t.to("meta")), ValueError, "spatial_shapes is on meta .*no data"),
+    "starts_on_meta_device": (_replace(2, lambda t: t.to("meta")), ValueError, "level_start_index is on meta"),
 }
 
 
@@ -324,9 +327,86 @@ def test_direct_op_call_with_bad_levels_raises_not_crashes():
         )
 
 
+OP_ARGS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+
+
+@requires_ext
+@pytest.mark.parametrize("which", range(6))
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_direct_op_with_one_meta_argument_raises_naming_it(op, which):
+    """The dispatcher sends a call with any meta argument to the fake kernel, which used to
+    return uninitialised memory on value's device; now it raises like the C++ kernels."""
+    if op == "forward" and which == 5:
+        pytest.skip("forward has no grad_output")
+    args = list(make_inputs([(6, 4), (3, 2)], lq=2)) + [torch.zeros(1, 2, 8, dtype=torch.float64)]
+    args[which] = args[which].to("meta")
+    fn = getattr(torch.ops.panoptic_segformer, f"ms_deform_attn_{op}")
+    name = "spatial_shapes must be on meta" if which == 0 else (OP_ARGS + ("grad_output",))[which] + " must be on cpu"
+    with pytest.raises(RuntimeError, match=f"ms_deform_attn_{op}: {name} \\(the device of value\\)"):
+        fn(*(args if op == "backward" else args[:5]))
+
+
+@requires_ext
+def test_direct_op_on_all_meta_inputs_gives_shapes():
+    args = [t.to("meta") for t in make_inputs([(6, 4), (3, 2)], m=2, d=4, lq=3)]
+    out = torch.ops.panoptic_segformer.ms_deform_attn_forward(*args)
+    assert out.device.type == "meta" and out.shape == (1, 3, 8) and out.dtype == torch.float64
+    grads = torch.ops.panoptic_segformer.ms_deform_attn_backward(*args, torch.empty(1, 3, 8, device="meta",
+                                                                                     dtype=torch.float64))
+    assert [tuple(g.shape) for g in grads] == [tuple(args[0].shape), tuple(args[3].shape), tuple(args[4].shape)]
+    assert all(g.device.type == "meta" for g in grads)
+
+
+@requires_ext
+def test_api_on_all_meta_inputs_gives_shapes():
+    args = [t.to("meta") for t in make_inputs([(6, 4), (3, 2)], m=2, d=4, lq=3)]
+    out = ms_deform_attn(*args)
+    assert out.device.type == "meta" and out.shape == (1, 3, 8)
+    with pytest.raises(ValueError, match="reads spatial_shapes"):
+        ms_deform_attn(*args, backend="pytorch")
+
+
+def _wrapping_levels():
+    """Level table whose H*W products wrap around in int64 to a consistent-looking S = 6."""
+    value, _, _, locs, weights = make_inputs([(6, 4), (3, 2)], lq=2)
+    shapes = torch.tensor([[2**32, 2**32], [2, 3]])  # 2^64 wraps to 0 in int64
+    starts = torch.tensor([0, 0])
+    return value[:, :6].contiguous(), shapes, starts, locs, weights
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "auto"])
+def test_spatial_shapes_whose_area_overflows_int64_are_rejected_with_the_sizes(backend):
+    with pytest.raises(ValueError, match=r"spatial_shapes\[0\] = \(4294967296, 4294967296\): "
+                                         r"H\*W = 18446744073709551616 overflows int64"):
+        ms_deform_attn(*_wrapping_levels(), backend=backend)
+
+
+def test_spatial_shapes_whose_total_overflows_int64_are_rejected():
+    value, _, _, locs, weights = make_inputs([(6, 4), (3, 2), (1, 1)], lq=2)
+    shapes = torch.tensor([[2**31, 2**31]] * 3)  # each 2^62 fits, the sum does not
+    starts = torch.tensor([0, 2**62, 2**63 - 1])
+    with pytest.raises(ValueError, match=r"sum\(H\*W\) = 13835058055282163712 overflows int64"):
+        ms_deform_attn(value, shapes, starts, locs, weights)
+
+
+@requires_ext
+def test_direct_op_area_overflow_is_rejected_before_any_allocation():
+    """h, w <= S with h*w wrapping to 0 passed the old check; then value.contiguous() tried to
+    allocate the expanded 2^40-token value.  Now the product is checked first."""
+    value = torch.zeros(1, 1, 1, 1).expand(1, 2**40, 1, 1)  # no memory behind the 2^40 tokens
+    shapes = torch.tensor([[2**40, 2**40]])
+    locs, weights = torch.zeros(1, 1, 1, 1, 1, 2), torch.ones(1, 1, 1, 1, 1)
+    for fn, extra in ((torch.ops.panoptic_segformer.ms_deform_attn_forward, ()),
+                      (torch.ops.panoptic_segformer.ms_deform_attn_backward, (torch.zeros(1, 1, 1),))):
+        with pytest.raises(RuntimeError, match=r"spatial_shapes\[0\] = \(1099511627776, 1099511627776\): "
+                                               r"H\*W overflows int64"):
+            fn(value, shapes, torch.tensor([0]), locs, weights, *extra)
+
+
 @requires_ext
 def test_benchmark_script_json_smoke():
-    """tools/benchmark_ms_deform_attn.py runs and prints one JSON object (decoder case only)."""
+    """tools/benchmark_ms_deform_attn.py runs every available CPU kernel variant and grid_sample in
+    float32 and bfloat16 and prints one JSON object (decoder case only)."""
     import json
     import subprocess
     import sys
@@ -338,5 +418,8 @@ def test_benchmark_script_json_smoke():
         capture_output=True, text=True, timeout=300, check=True,
     )
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {r["backend"] for r in report["results"]} == {"compiled", "pytorch"}
-    assert report["results"][0]["lq"] == 300 and report["speedup_compiled_vs_pytorch"]["decoder"]["fwd"] > 0
+    rows = report["results"]
+    kernels = {r["kernel"] for r in rows}
+    assert "baseline" in kernels and "grid_sample" in kernels and _C.cpu_kernel_isa() in kernels
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert all(r["lq"] == 300 and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)

@@ -162,6 +162,29 @@ def test_bad_module_arguments():
         mod(query, ref, value, shapes[:2], starts)
 
 
+@pytest.mark.parametrize("which", ["query", "reference_points", "value", "spatial_shapes", "level_start_index",
+                                   "padding_mask"])
+def test_meta_input_to_a_real_module_raises_naming_it(which):
+    """Used to fail deep inside a projection ("Tensor on device cpu is not on the expected device
+    meta!") or with "Cannot copy out of meta tensor"."""
+    mod = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3)
+    query, ref, value, shapes, starts = _inputs()
+    args = dict(query=query, reference_points=ref, value=value, spatial_shapes=shapes, level_start_index=starts,
+                padding_mask=torch.zeros(value.shape[:2], dtype=torch.bool))
+    args[which] = args[which].to("meta")
+    with pytest.raises(ValueError, match=f"{which} is on meta but the MSDeformAttn parameters are on cpu"):
+        mod(**args)
+
+
+def test_meta_module_with_real_inputs_raises_and_all_meta_gives_shapes():
+    mod = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3).to("meta")
+    query, ref, value, shapes, starts = _inputs()
+    with pytest.raises(ValueError, match="query is on cpu but the MSDeformAttn parameters are on meta"):
+        mod(query, ref, value, shapes, starts)
+    out = mod(query.to("meta"), ref.to("meta"), value.to("meta"), shapes, starts)
+    assert out.device.type == "meta" and out.shape == query.shape
+
+
 class _Layer(torch.nn.Module):
     """A minimal encoder-style block using MSDeformAttn (residual + norm outside the op)."""
 
