@@ -227,3 +227,32 @@ def test_msdeformattn_nan_query_gives_nan_rows_like_the_reference():
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, [0, 1, 2, 4]]).all()
     for a, b in zip(outs["compiled"], outs["pytorch"]):
         assert_same_nonfinite(a, b, 1e-5, "MSDeformAttn")
+
+
+requires_cuda_kernels = pytest.mark.skipif(
+    _C is None or not _C.cuda_compiled() or not torch.cuda.is_available(),
+    reason="needs a GPU and the extension built with the CUDA kernels",
+)
+
+
+def _cuda_compiled(*args):
+    out = ms_deform_attn(*(t.cuda() for t in args), backend="compiled")
+    return out
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("case", sorted(HAND_CASES))
+def test_cuda_hand_built_nonfinite_case_matches_cpu_reference(case):
+    """The CUDA kernels follow the same rules (the CPU reference's: CUDA F.grid_sample itself
+    turns some NaN/Inf coordinates into pixel indices)."""
+    inputs, g = _one_level_case(**HAND_CASES[case])
+    ref = _grads(ms_deform_attn_pytorch, *inputs, g)
+    value, shapes, starts, locs, weights = (t.cuda().detach().clone() for t in inputs)
+    for t in (value, locs, weights):
+        t.requires_grad_(True)
+    out = ms_deform_attn(value, shapes, starts, locs, weights, backend="compiled")
+    out.backward(g.cuda())
+    atol = 1e-5 if inputs[0].dtype == torch.float32 else 1e-12
+    for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"),
+                          (out.detach(), value.grad, locs.grad, weights.grad), ref):
+        assert_same_nonfinite(a.cpu(), b, atol, f"cuda {name}")

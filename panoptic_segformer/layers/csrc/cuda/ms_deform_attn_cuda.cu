@@ -31,7 +31,12 @@
 //
 // Semantics are those of F.grid_sample(mode="bilinear", padding_mode="zeros",
 // align_corners=False): pixel x = loc_x * W - 0.5 (y likewise) and neighbours outside
-// the map contribute zero, to the output and to every gradient.
+// the map contribute zero, to the output and to every gradient.  Non-finite numbers behave
+// as in the CPU reference (float32/float64 F.grid_sample on the CPU) and as in our CPU
+// kernels: a location whose 2*loc or loc*W is NaN/Inf in its dtype gives a NaN sample, a
+// sample outside the map is 0 (so a NaN/Inf weight on it gives NaN), and every product is
+// formed in the reference's order (weight * sample, grad_sample = weight * grad_output), so
+// NaN/Inf in value, weights and grad_output end up where the reference puts them.
 //
 // dtypes: value in float32 / float64 / float16 / bfloat16. sampling_locations and
 // attention_weights share one dtype: the dtype of value, or float32 when value is
@@ -91,6 +96,8 @@ inline unsigned int num_blocks(int64_t work_items, int64_t items_per_block) {
 }
 
 __device__ __forceinline__ float floor_acc(float v) { return floorf(v); }
+__device__ __forceinline__ float nan_acc(float) { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double nan_acc(double) { return __longlong_as_double(0x7ff8000000000000LL); }
 __device__ __forceinline__ double floor_acc(double v) { return ::floor(v); }
 
 __device__ __forceinline__ void atomic_add_acc(float* address, float v) { atomicAdd(address, v); }
@@ -148,7 +155,8 @@ __device__ __forceinline__ Level load_level(const int64_t* __restrict__ spatial_
   lv.h = spatial_shapes[2 * l];
   lv.w = spatial_shapes[2 * l + 1];
   lv.start = level_start_index[l];
-  CUDA_KERNEL_ASSERT(lv.h >= 0 && lv.w >= 0 && lv.start >= 0 && lv.start + lv.h * lv.w <= S);
+  // overflow-safe form of start + h * w <= S (the host cannot see device-side shapes)
+  CUDA_KERNEL_ASSERT(lv.h > 0 && lv.w > 0 && lv.start >= 0 && lv.start <= S && lv.h <= (S - lv.start) / lv.w);
   return lv;
 }
 
@@ -162,41 +170,56 @@ struct Corners {
   acc_t lx, ly, hx, hy;
 };
 
-// Precondition: -1 <= x < w and -1 <= y < h (so floor(x) fits and at least the
-// range check has rejected samples entirely outside the map).
-template <typename acc_t>
-__device__ __forceinline__ Corners<acc_t> make_corners(acc_t x, acc_t y, int64_t h, int64_t w,
-                                                       int64_t pixel_stride) {
-  Corners<acc_t> c;
-  const acc_t xf = floor_acc(x);
-  const acc_t yf = floor_acc(y);
-  const int64_t x0 = static_cast<int64_t>(xf);
-  const int64_t y0 = static_cast<int64_t>(yf);
-  const int64_t x1 = x0 + 1;
-  const int64_t y1 = y0 + 1;
-  c.lx = x - xf;
-  c.ly = y - yf;
-  c.hx = acc_t(1) - c.lx;
-  c.hy = acc_t(1) - c.ly;
-  const bool x0_in = x0 >= 0;
-  const bool x1_in = x1 < w;
-  const bool y0_in = y0 >= 0;
-  const bool y1_in = y1 < h;
-  c.in00 = y0_in && x0_in;
-  c.in01 = y0_in && x1_in;
-  c.in10 = y1_in && x0_in;
-  c.in11 = y1_in && x1_in;
-  c.o00 = (y0 * w + x0) * pixel_stride;
-  c.o01 = c.o00 + pixel_stride;
-  c.o10 = c.o00 + w * pixel_stride;
-  c.o11 = c.o10 + pixel_stride;
-  return c;
-}
-
 template <typename acc_t>
 __device__ __forceinline__ bool sample_in_range(acc_t x, acc_t y, acc_t wf, acc_t hf) {
   // Outside this range all four corners are outside the map (NaN also fails here).
   return x >= acc_t(-1) && x < wf && y >= acc_t(-1) && y < hf;
+}
+
+// False when the reference's pixel coordinate is NaN or infinite: it computes 2 * loc - 1 and
+// then (g + 1) * size / 2 in the location dtype, so either product overflowing gives NaN.
+template <typename loc_t>
+__device__ __forceinline__ bool reference_coord_finite(loc_t loc, int64_t size) {
+  using op_t = at::opmath_type<loc_t>;
+  const op_t l = static_cast<op_t>(loc);
+  const op_t twice = static_cast<op_t>(static_cast<loc_t>(l * op_t(2)));
+  const op_t scaled = static_cast<op_t>(static_cast<loc_t>(l * static_cast<op_t>(size)));
+  return isfinite(twice) && isfinite(scaled);
+}
+
+// Corners of any sample, as the reference sees them: NaN fractions on an axis whose
+// coordinate is not finite (fx / fy false); no corner in the map unless in range, so floor(x)
+// is only converted to an integer for coordinates in [-1, w).
+template <typename acc_t>
+__device__ __forceinline__ Corners<acc_t> make_corners(acc_t x, acc_t y, bool fx, bool fy, int64_t h, int64_t w,
+                                                       int64_t pixel_stride) {
+  Corners<acc_t> c;
+  const acc_t nan = nan_acc(acc_t(0));
+  if (fx && fy && sample_in_range(x, y, static_cast<acc_t>(w), static_cast<acc_t>(h))) {
+    const acc_t xf = floor_acc(x);
+    const acc_t yf = floor_acc(y);
+    const int64_t x0 = static_cast<int64_t>(xf);
+    const int64_t y0 = static_cast<int64_t>(yf);
+    c.lx = x - xf;
+    c.ly = y - yf;
+    c.in00 = y0 >= 0 && x0 >= 0;
+    c.in01 = y0 >= 0 && x0 + 1 < w;
+    c.in10 = y0 + 1 < h && x0 >= 0;
+    c.in11 = y0 + 1 < h && x0 + 1 < w;
+    c.o00 = (y0 * w + x0) * pixel_stride;
+  } else {
+    // outside the map: only whether the fractions are finite matters (all values are 0)
+    c.lx = fx ? acc_t(0) : nan;
+    c.ly = fy ? acc_t(0) : nan;
+    c.in00 = c.in01 = c.in10 = c.in11 = false;
+    c.o00 = 0;
+  }
+  c.hx = acc_t(1) - c.lx;
+  c.hy = acc_t(1) - c.ly;
+  c.o01 = c.o00 + pixel_stride;
+  c.o10 = c.o00 + w * pixel_stride;
+  c.o11 = c.o10 + pixel_stride;
+  return c;
 }
 
 // --------------------------------------------------------------------------- forward
@@ -231,15 +254,15 @@ ms_deform_attn_forward_kernel(const scalar_t* __restrict__ value,
       for (int p = 0; p < P; ++p, loc += 2, ++aw) {
         const acc_t x = pixel_coord(static_cast<acc_t>(loc[0]), wf);
         const acc_t y = pixel_coord(static_cast<acc_t>(loc[1]), hf);
-        if (!sample_in_range(x, y, wf, hf)) continue;
-        const acc_t weight = static_cast<acc_t>(*aw);
-        const Corners<acc_t> c = make_corners(x, y, lv.h, lv.w, pixel_stride);
-        acc_t s = acc_t(0);
-        if (c.in00) s += c.hy * c.hx * static_cast<acc_t>(v_level[c.o00]);
-        if (c.in01) s += c.hy * c.lx * static_cast<acc_t>(v_level[c.o01]);
-        if (c.in10) s += c.ly * c.hx * static_cast<acc_t>(v_level[c.o10]);
-        if (c.in11) s += c.ly * c.lx * static_cast<acc_t>(v_level[c.o11]);
-        acc += weight * s;
+        const Corners<acc_t> c = make_corners(x, y, reference_coord_finite(loc[0], lv.w),
+                                              reference_coord_finite(loc[1], lv.h), lv.h, lv.w, pixel_stride);
+        const acc_t v00 = c.in00 ? static_cast<acc_t>(v_level[c.o00]) : acc_t(0);
+        const acc_t v01 = c.in01 ? static_cast<acc_t>(v_level[c.o01]) : acc_t(0);
+        const acc_t v10 = c.in10 ? static_cast<acc_t>(v_level[c.o10]) : acc_t(0);
+        const acc_t v11 = c.in11 ? static_cast<acc_t>(v_level[c.o11]) : acc_t(0);
+        // outside the map s = 0 and adds nothing, unless the weight is NaN/Inf (0 * Inf = NaN)
+        const acc_t s = c.hy * c.hx * v00 + c.hy * c.lx * v01 + c.ly * c.hx * v10 + c.ly * c.lx * v11;
+        acc += static_cast<acc_t>(*aw) * s;
       }
     }
     output[idx] = static_cast<scalar_t>(acc);
@@ -286,36 +309,37 @@ ms_deform_attn_backward_kernel(const scalar_t* __restrict__ value,
       for (int p = 0; p < P; ++p, loc += 2, ++aw, g_loc += 2, ++g_aw) {
         const acc_t x = pixel_coord(static_cast<acc_t>(loc[0]), wf);
         const acc_t y = pixel_coord(static_cast<acc_t>(loc[1]), hf);
-        acc_t g_w = acc_t(0), g_x = acc_t(0), g_y = acc_t(0);
+        const Corners<acc_t> c = make_corners(x, y, reference_coord_finite(loc[0], lv.w),
+                                              reference_coord_finite(loc[1], lv.h), lv.h, lv.w, pixel_stride);
         const acc_t weight = static_cast<acc_t>(*aw);
-        if (sample_in_range(x, y, wf, hf)) {  // warp-uniform branch
-          const Corners<acc_t> c = make_corners(x, y, lv.h, lv.w, pixel_stride);
-          const acc_t w00 = c.hy * c.hx, w01 = c.hy * c.lx;
-          const acc_t w10 = c.ly * c.hx, w11 = c.ly * c.lx;
-          for (int64_t d = lane; d < D; d += kWarpSize) {
-            const acc_t g = static_cast<acc_t>(go[d]);
-            const acc_t v00 = c.in00 ? static_cast<acc_t>(v_level[c.o00 + d]) : acc_t(0);
-            const acc_t v01 = c.in01 ? static_cast<acc_t>(v_level[c.o01 + d]) : acc_t(0);
-            const acc_t v10 = c.in10 ? static_cast<acc_t>(v_level[c.o10 + d]) : acc_t(0);
-            const acc_t v11 = c.in11 ? static_cast<acc_t>(v_level[c.o11 + d]) : acc_t(0);
-            g_w += g * (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11);
-            g_x += g * (c.hy * (v01 - v00) + c.ly * (v11 - v10));
-            g_y += g * (c.hx * (v10 - v00) + c.lx * (v11 - v01));
-            const acc_t wg = weight * g;
-            if (c.in00) atomic_add_acc(gv_level + c.o00 + d, w00 * wg);
-            if (c.in01) atomic_add_acc(gv_level + c.o01 + d, w01 * wg);
-            if (c.in10) atomic_add_acc(gv_level + c.o10 + d, w10 * wg);
-            if (c.in11) atomic_add_acc(gv_level + c.o11 + d, w11 * wg);
-          }
-          g_w = warp_sum(g_w);
-          g_x = warp_sum(g_x);
-          g_y = warp_sum(g_y);
+        const acc_t w00 = c.hy * c.hx, w01 = c.hy * c.lx;
+        const acc_t w10 = c.ly * c.hx, w11 = c.ly * c.lx;
+        acc_t g_w = acc_t(0), g_x = acc_t(0), g_y = acc_t(0);
+        // Every sample runs the loop (one outside the map reads no value, but a NaN/Inf weight
+        // or grad_output still makes its gradients NaN, as in the reference).
+        for (int64_t d = lane; d < D; d += kWarpSize) {
+          const acc_t g = static_cast<acc_t>(go[d]);
+          const acc_t g_sample = weight * g;  // gradient of the sample, as the reference forms it
+          const acc_t v00 = c.in00 ? static_cast<acc_t>(v_level[c.o00 + d]) : acc_t(0);
+          const acc_t v01 = c.in01 ? static_cast<acc_t>(v_level[c.o01 + d]) : acc_t(0);
+          const acc_t v10 = c.in10 ? static_cast<acc_t>(v_level[c.o10 + d]) : acc_t(0);
+          const acc_t v11 = c.in11 ? static_cast<acc_t>(v_level[c.o11 + d]) : acc_t(0);
+          g_w += g * (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11);
+          g_x += g_sample * (c.hy * (v01 - v00) + c.ly * (v11 - v10));
+          g_y += g_sample * (c.hx * (v10 - v00) + c.lx * (v11 - v01));
+          if (c.in00) atomic_add_acc(gv_level + c.o00 + d, w00 * g_sample);
+          if (c.in01) atomic_add_acc(gv_level + c.o01 + d, w01 * g_sample);
+          if (c.in10) atomic_add_acc(gv_level + c.o10 + d, w10 * g_sample);
+          if (c.in11) atomic_add_acc(gv_level + c.o11 + d, w11 * g_sample);
         }
+        g_w = warp_sum(g_w);
+        g_x = warp_sum(g_x);
+        g_y = warp_sum(g_y);
         if (lane == 0) {
-          // d out / d loc_x = weight * d sample / d x * W   (x = loc_x * W - 0.5)
+          // d out / d loc_x = d out / d x * W   (x = loc_x * W - 0.5)
           g_aw[0] = static_cast<loc_t>(g_w);
-          g_loc[0] = static_cast<loc_t>(weight * g_x * wf);
-          g_loc[1] = static_cast<loc_t>(weight * g_y * hf);
+          g_loc[0] = static_cast<loc_t>(g_x * wf);
+          g_loc[1] = static_cast<loc_t>(g_y * hf);
         }
       }
     }
