@@ -235,11 +235,6 @@ requires_cuda_kernels = pytest.mark.skipif(
 )
 
 
-def _cuda_compiled(*args):
-    out = ms_deform_attn(*(t.cuda() for t in args), backend="compiled")
-    return out
-
-
 @requires_cuda_kernels
 @pytest.mark.parametrize("case", sorted(HAND_CASES))
 def test_cuda_hand_built_nonfinite_case_matches_cpu_reference(case):

@@ -45,7 +45,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "panoptic_segformer compiled ops (multi-scale deformable attention)";
   m.def("cuda_compiled", &cuda_compiled, "True when the extension was built with the CUDA kernels");
   m.def("cuda_archs", &cuda_archs, "GPU targets of the CUDA kernels, e.g. 'sm_80,sm_90,compute_90' ('' without them)");
-  m.def("cpu_kernel_isa", &panoptic_segformer::cpu::kernel_isa, "CPU kernel variant in use: 'avx2' or 'baseline'");
+  m.def("cpu_kernel_isa", &panoptic_segformer::cpu::kernel_isa,
+        "CPU kernel variant in use: 'avx512', 'avx2' or 'baseline'");
   m.def("set_cpu_kernel_isa", &panoptic_segformer::cpu::set_kernel_isa,
-        "'baseline' forces the portable CPU kernels, 'auto' picks the widest supported (for tests)");
+        "'baseline', 'avx2' or 'avx512' forces that CPU kernel variant (error if unsupported here), "
+        "'auto' picks the widest supported (for tests and benchmarks)");
 }

@@ -11,7 +11,6 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "ms_deform_attn_cpu.h"
 
