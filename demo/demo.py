@@ -34,6 +34,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from panoptic_segformer.config import get_panoptic_segformer_cfg  # noqa: E402
 from panoptic_segformer.data.panoptic_dataset_mapper import read_image_file  # noqa: E402
+from panoptic_segformer.modeling.precision import PRECISIONS  # noqa: E402
 from panoptic_segformer.predictor import Predictor  # noqa: E402
 from panoptic_segformer.robust_inference import (  # noqa: E402
     VideoFrames,
@@ -98,6 +99,23 @@ def get_parser() -> argparse.ArgumentParser:
         "CUDA and no GPU is available)",
     )
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast dtype of the network: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, fp16 "
+        "on GPUs (default: the config's MODEL.PANOPTIC_SEGFORMER.TEST.PRECISION, fp32)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network stages (the first image of each new size compiles, "
+        "minutes on a CPU; stages that cannot compile run eagerly)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="backbone convolutions in channels-last layout (faster with bf16 on CPU)",
+    )
+    parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="allow MODEL.WEIGHTS files that need full unpickling (.pkl, custom objects); "
@@ -121,8 +139,20 @@ def setup_cfg(args):
     test.PANOPTIC_ON = test.PANOPTIC_ON or "panoptic" in args.view
     test.INSTANCE_ON = test.INSTANCE_ON or "instance" in args.view
     test.SEMANTIC_ON = test.SEMANTIC_ON or "semantic" in args.view
+    if args.precision:
+        test.PRECISION = args.precision
     cfg.freeze()
     return cfg
+
+
+def build_predictor(cfg, args) -> Predictor:
+    return Predictor(
+        cfg,
+        batch_size=args.batch_size,
+        trust_checkpoint=args.trust_checkpoint,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )
 
 
 def instance_score_thresh(cfg) -> float:
@@ -399,9 +429,7 @@ def main(argv=None) -> int:
             if not paths:
                 raise UsageError("no input image found")
             cfg = setup_cfg(args)
-            predictor = Predictor(
-                cfg, batch_size=args.batch_size, trust_checkpoint=args.trust_checkpoint
-            )
+            predictor = build_predictor(cfg, args)
             failed = missing + run_on_images(predictor, paths, args, instance_score_thresh(cfg))
             if failed:
                 logger.error(f"{len(failed)} input(s) failed: {', '.join(failed)}")
@@ -412,9 +440,7 @@ def main(argv=None) -> int:
             logger.error(f"cannot open {name}")
             return 1
         cfg = setup_cfg(args)
-        predictor = Predictor(
-            cfg, batch_size=args.batch_size, trust_checkpoint=args.trust_checkpoint
-        )
+        predictor = build_predictor(cfg, args)
         try:
             return (
                 0

@@ -67,6 +67,9 @@ def add_panoptic_segformer_config(cfg):
     m.TEST.STUFF_SCORE_THRESH = 0.25
     m.TEST.THING_OVERLAP_THRESH = 0.4
     m.TEST.STUFF_OVERLAP_THRESH = 0.2
+    # autocast dtype of the network stages at inference: "fp32", "bf16" or "fp16"
+    # (merging and mask resizing stay float32; see panoptic_segformer/modeling/precision.py)
+    m.TEST.PRECISION = "fp32"
 
     # weights files that need full unpickling (.pkl, .pyth, .pth with objects) run code when
     # loaded: refused unless this is True (train_net.py / demo.py: --trust-checkpoint)

@@ -82,7 +82,44 @@ def test_stage_breakdown_per_image():
     assert result["total_ms"] == pytest.approx(sum(stages.values()), rel=0.3)
     assert result["cpu_ms"] < result["total_ms"]  # sleeping costs no CPU
     if bench.MemorySampler.available():
-        assert result["memory_increase_mib"] >= 7  # the 8 MiB buffer
+        assert result["working_memory_mib"] >= 7  # the 8 MiB buffer
+
+
+def test_variants_run_round_robin_and_get_their_own_breakdown():
+    order = []
+
+    class Named(Staged):
+        def __init__(self, name, sleeps):
+            super().__init__(sleeps)
+            self.name = name
+
+        def forward(self, inputs):
+            order.append(self.name)
+            return super().forward(inputs)
+
+    fast = {name: 0.002 for _, name in bench.STAGES}
+    slow = dict(fast, _decode_masks=0.06)
+    results = bench.benchmark_variants(
+        {"a": Named("a", fast), "b": Named("b", slow)}, [{}], warmup=1, iters=2, device=torch.device("cpu")
+    )
+    assert order == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then alternating timed runs
+    assert results["b"]["stages_ms"]["mask decoders"] > 40 > results["a"]["stages_ms"]["mask decoders"]
+    assert results["a"]["first_call_s"] > 0
+
+
+def test_variant_names_and_models():
+    from test_meta_arch import build, small_cfg
+
+    from panoptic_segformer.compile import CompiledForward
+
+    base = build(small_cfg()).eval()
+    models = bench.variant_models(base, ["fp32", "bf16"], "both", "off")
+    assert list(models) == ["fp32", "fp32+cl", "bf16", "bf16+cl"]
+    assert [m.precision for m in models.values()] == ["fp32", "fp32", "bf16", "bf16"]
+    assert base.backbone.stem.conv1.weight.is_contiguous()  # the base model is untouched
+    assert models["bf16+cl"].backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    compiled = bench.variant_models(base, ["bf16"], "off", "on")["bf16+compile"]
+    assert isinstance(compiled.neck.forward, CompiledForward) and bench.fallbacks(compiled) == []
 
 
 def test_model_without_stages_gives_the_total_only():
@@ -116,18 +153,30 @@ def test_cli_json(tmp_path, capsys):
             "0",
             "--device",
             "cpu",
+            "--precision",
+            "fp32",
+            "--compile",
+            "off",
+            "--gflops",
+            "0.5",
             "--json",
         ]
     )
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["height"], out["width"], out["batch_size"], out["weights"]) == (48, 64, 2, "random")
-    assert out["total_ms"] > 0 and out["peak_memory_mib"] > 0
+    assert list(out["variants"]) == ["fp32"]
+    variant = out["variants"]["fp32"]
+    assert variant["total_ms"] > 0 and variant["working_memory_mib"] >= 0
+    assert variant["gflop_per_s"] == pytest.approx(0.5 / (variant["total_ms"] / 1000))
+    assert out["matmul_gflop_per_s"]["float32"] > 0
     # every input of the stub got exactly (3, 48, 64): no resizing by the benchmark
     assert {shape for call in StubPanopticModel.calls[-2:] for _, shape, _, _ in call} == {
         (3, 48, 64)
     }
     assert bench.main(["--config-file", str(config), "--iters", "0"]) == 2
+    # the stub has no precision setting: only fp32 can be benchmarked
+    assert bench.main(["--config-file", str(config), "--precision", "bf16", "--compile", "off"]) == 2
 
 
 def test_panoptic_segformer_has_every_stage():

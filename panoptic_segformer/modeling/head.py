@@ -158,7 +158,8 @@ class PanopticSegFormerHead(nn.Module):
                 raise ValueError(f"level {lvl}: feature {tuple(x.shape)} and mask {tuple(m.shape)} disagree")
             pos = self.position_encoding(m) + self.level_embeds[lvl].view(1, -1, 1, 1)  # (B, C, H_l, W_l)
             srcs.append(x.flatten(2).transpose(1, 2))
-            poses.append(pos.flatten(2).transpose(1, 2))
+            # in the features' dtype (bf16 under autocast), so src + pos needs no cast in every layer
+            poses.append(pos.to(x.dtype).flatten(2).transpose(1, 2))
             pads.append(m.flatten(1))
         src, pos, padding_mask = torch.cat(srcs, 1), torch.cat(poses, 1), torch.cat(pads, 1)
         shapes = [tuple(x.shape[-2:]) for x in features]

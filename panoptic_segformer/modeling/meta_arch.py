@@ -17,7 +17,13 @@ levels to the unpadded stride-8 size, as the official code does. Training is una
 The forward pass is split into stages that can be timed from outside:
 :meth:`_backbone_features`, :meth:`_encode` (neck + encoder), :meth:`_locate`,
 :meth:`_decode_masks` and :meth:`_merge`.
+
+Inference precision (``precision``, ``TEST.PRECISION``): in "bf16" / "fp16" the four network
+stages run under autocast (see :mod:`.precision` for the dtype of every op); their outputs are
+cast to float32 before the top-k selection, and mask resizing and merging run in float32.
+Training ignores it (``SOLVER.AMP`` sets the training precision).
 """
+import contextlib
 import math
 from typing import Dict, List, Sequence, Tuple
 
@@ -35,6 +41,7 @@ from .criterion import PanopticSegFormerCriterion
 from .head import PanopticSegFormerHead
 from .merging import mask_wise_merging
 from .neck import ChannelMapper
+from .precision import autocast, check_precision, precision_dtype
 
 __all__ = ["PanopticSegFormer", "thing_stuff_ids_from_metadata"]
 
@@ -120,6 +127,7 @@ class PanopticSegFormer(nn.Module):
         instance_on: bool = False,
         semantic_on: bool = False,
         official_compat: bool = False,
+        precision: str = "fp32",
     ):
         """
         Args:
@@ -130,6 +138,8 @@ class PanopticSegFormer(nn.Module):
             the thresholds: mask-wise merging (SPEC §6, :func:`mask_wise_merging`).
             official_compat: inference runs image by image without padding, as the official
                 test pipeline (see the module docstring).
+            precision: "fp32", "bf16" or "fp16", the autocast dtype of the network stages at
+                inference (the attribute ``precision`` may be changed later).
         """
         super().__init__()
         self.backbone = backbone
@@ -187,6 +197,8 @@ class PanopticSegFormer(nn.Module):
         self.instance_on = instance_on
         self.semantic_on = semantic_on
         self.official_compat = official_compat
+        precision_dtype(precision)  # rejects an unknown name
+        self.precision = precision
 
     @classmethod
     def from_config(cls, cfg):
@@ -205,6 +217,7 @@ class PanopticSegFormer(nn.Module):
         head = PanopticSegFormerHead(cfg, num_thing_classes=len(thing_ids), num_stuff_classes=len(stuff_ids))
         criterion = PanopticSegFormerCriterion(cfg)
         t = m.TEST
+        check_precision(t.PRECISION, cfg.MODEL.DEVICE)
         return {
             "backbone": backbone,
             "neck": neck,
@@ -226,6 +239,7 @@ class PanopticSegFormer(nn.Module):
             "instance_on": t.INSTANCE_ON,
             "semantic_on": t.SEMANTIC_ON,
             "official_compat": m.OFFICIAL_COMPAT,
+            "precision": t.PRECISION,
         }
 
     @property
@@ -237,13 +251,20 @@ class PanopticSegFormer(nn.Module):
         if self.official_compat and not self.training and len(batched_inputs) > 1:
             return [out for x in batched_inputs for out in self.forward([x])]
         images, image_sizes, batch_size = self.preprocess_image(batched_inputs)
-        features = self._backbone_features(images, image_sizes, batch_size)
-        enc = self._encode(features, image_sizes)
-        loc = self._locate(enc)
+        with self._autocast():
+            features = self._backbone_features(images, image_sizes, batch_size)
+            enc = self._encode(features, image_sizes)
+            loc = self._locate(enc)
         if self.training:
             targets = self.prepare_targets(batched_inputs, image_sizes, batch_size)
             return self._losses(loc, enc, targets)
         return self._inference(loc, enc, batched_inputs, image_sizes)
+
+    def _autocast(self):
+        """The autocast region of the network stages at inference; none in training."""
+        if self.training:
+            return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
     def preprocess_image(self, batched_inputs: List[Dict]):
         """Normalise every image; return them unpadded, their sizes and the padded batch size (H, W)."""
@@ -420,8 +441,11 @@ class PanopticSegFormer(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def _inference(self, loc: Dict, enc: Dict, batched_inputs, image_sizes) -> List[Dict]:
-        """Top-k thing candidates + all stuff queries through the mask decoders, then per-image merging."""
-        logits = loc["pred_logits"][-1]  # (B, Q, K_th)
+        """Top-k thing candidates + all stuff queries through the mask decoders, then per-image merging.
+
+        The network outputs are cast to float32 first: top-k, resizing and merging run in float32.
+        """
+        logits = _fp32(loc["pred_logits"][-1])  # (B, Q, K_th)
         b, _, k_th = logits.shape
         scores = logits.sigmoid().flatten(1)  # (B, Q * K_th)
         k = min(self.num_thing_candidates, scores.shape[1])
@@ -429,15 +453,16 @@ class PanopticSegFormer(nn.Module):
         query_idx, thing_labels = top_idx // k_th, top_idx % k_th
         hidden = loc["hidden"]
         thing_queries = hidden.gather(1, query_idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        thing_boxes = loc["pred_boxes"][-1].gather(1, query_idx[..., None].expand(-1, -1, 4))
-        out = self._decode_masks(thing_queries, None, enc)
-        thing_masks = out["thing_out"]["masks"]  # (B, k, H8, W8)
+        thing_boxes = _fp32(loc["pred_boxes"][-1]).gather(1, query_idx[..., None].expand(-1, -1, 4))
+        with self._autocast():
+            out = self._decode_masks(thing_queries, None, enc)
+        thing_masks = _fp32(out["thing_out"]["masks"])  # (B, k, H8, W8)
         if out["stuff_out"] is None:  # no stuff classes
             stuff_masks = thing_masks.new_zeros(b, 0, *thing_masks.shape[-2:])
             stuff_probs = top_scores.new_zeros(b, 0)
         else:
-            stuff_masks = out["stuff_out"]["masks"]  # (B, K_st, H8, W8)
-            stuff_probs = out["stuff_logits"][-1].sigmoid()  # (B, K_st)
+            stuff_masks = _fp32(out["stuff_out"]["masks"])  # (B, K_st, H8, W8)
+            stuff_probs = _fp32(out["stuff_logits"][-1]).sigmoid()  # (B, K_st)
         s0 = self.backbone_strides[0]  # the mask decoders' stride
         results = []
         for i, x in enumerate(batched_inputs):
@@ -519,6 +544,11 @@ class PanopticSegFormer(nn.Module):
         return mask_wise_merging(
             _resize(masks[keep], out_size), labels[keep], probs[keep], is_thing[keep], **self.merge_kwargs
         )
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """A float16 / bfloat16 tensor (a network output under autocast) as float32; others unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _ceil_to(x: int, d: int) -> int:
