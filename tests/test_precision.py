@@ -137,3 +137,23 @@ def test_predictor_precision_option(monkeypatch):
     image = torch.randint(0, 256, (96, 128, 3), dtype=torch.uint8).numpy()
     predictor(image)
     assert merging == [(torch.float32, torch.float32)]
+
+
+def test_changed_pixels_by_hand():
+    """tools/precision_accuracy.py: pixels in one-to-one matched segments of the same category."""
+    pa = load_tool("precision_accuracy")
+    a = torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 3, 3]], dtype=torch.int32)
+    seg_a = [{"id": 1, "category_id": 5}, {"id": 2, "category_id": 7}, {"id": 3, "category_id": 7}]
+    renumbered = torch.tensor([[4, 4, 9, 9], [4, 4, 9, 9], [0, 0, 1, 1]], dtype=torch.int32)
+    seg_r = [{"id": 4, "category_id": 5}, {"id": 9, "category_id": 7}, {"id": 1, "category_id": 7}]
+    assert pa.matched_pixels(a, seg_a, renumbered, seg_r) == 12
+    relabelled = [dict(s, category_id=8) if s["id"] == 1 else s for s in seg_r]  # segment 3's class
+    assert pa.matched_pixels(a, seg_a, renumbered, relabelled) == 10
+    merged = a.clone()
+    merged[a == 3] = 2  # segments 2 and 3 merged: the smaller part (2 px) has no partner left
+    assert pa.matched_pixels(a, seg_a, merged, seg_a[:2]) == 10
+    shrunk = a.clone()
+    shrunk[0, 0] = 0  # one pixel of segment 1 became void
+    assert pa.matched_pixels(a, seg_a, shrunk, seg_a) == 11
+    with pytest.raises(ValueError, match="differ in size"):
+        pa.matched_pixels(a, seg_a, a[:2], seg_a)

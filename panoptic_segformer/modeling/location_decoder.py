@@ -170,11 +170,13 @@ class LocationDecoder(nn.Module):
         b = memory.shape[0]
         if tuple(valid_ratios.shape) != (b, self.n_levels, 2):
             raise ValueError(f"valid_ratios must be (B={b}, L={self.n_levels}, 2), got {tuple(valid_ratios.shape)}")
-        valid_ratios = valid_ratios.to(memory.dtype)
+        # reference points and boxes in float32 at least (also under autocast), as MSDA's locations
+        coord_dtype = torch.promote_types(memory.dtype, torch.float32)
+        valid_ratios = valid_ratios.to(coord_dtype)
         query_pos, tgt = self.query_embedding.weight.to(memory.dtype).split(self.d_model, -1)
         query_pos = query_pos.expand(b, -1, -1)
         tgt = tgt.expand(b, -1, -1)
-        ref = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
+        ref = self.reference_points(query_pos).to(coord_dtype).sigmoid()  # (B, Q, 2)
         ratios4 = torch.cat([valid_ratios, valid_ratios], -1)
 
         logits, boxes = [], []
