@@ -113,12 +113,15 @@ def test_variant_names_and_models():
     from panoptic_segformer.compile import CompiledForward
 
     base = build(small_cfg()).eval()
-    models = bench.variant_models(base, ["fp32", "bf16"], "both", "off")
+    names = bench.variant_list(["fp32", "bf16"], "both", "off")
+    models = bench.variant_models(base, names)
     assert list(models) == ["fp32", "fp32+cl", "bf16", "bf16+cl"]
     assert [m.precision for m in models.values()] == ["fp32", "fp32", "bf16", "bf16"]
     assert base.backbone.stem.conv1.weight.is_contiguous()  # the base model is untouched
     assert models["bf16+cl"].backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    compiled = bench.variant_models(base, ["bf16"], "off", "on")["bf16+compile"]
+    compiled = bench.variant_models(base, ["bf16+compile"])["bf16+compile"]
+    with pytest.raises(ValueError, match="PRECISION"):
+        bench.parse_variant("bf16+compile+fast")
     assert isinstance(compiled.neck.forward, CompiledForward) and bench.fallbacks(compiled) == []
 
 

@@ -5,11 +5,12 @@ side by side in one run, with a stage breakdown.
     python tools/benchmark_inference.py --config-file configs/R50.yaml --height 800 --width 1333 \
         --device cpu [--precision fp32 bf16] [--compile both] [--channels-last off] \
         [--iters 3] [--json] [--opts KEY VALUE ...]
+    python tools/benchmark_inference.py --config-file configs/R50.yaml --variants fp32 bf16+cl bf16+cl+compile
 
 Variants are every combination of ``--precision`` (default: fp32 and each 16-bit type the device
 runs natively), ``--compile`` (off / on / both, default both) and ``--channels-last`` (backbone
-weights channels-last; default off), e.g. "fp32", "bf16+cl", "bf16+compile". Each variant is a
-copy of one model (same weights, ``MODEL.WEIGHTS`` or the seeded random init) set up by
+weights channels-last; default off), e.g. "fp32", "bf16+cl", "bf16+compile"; or the names given
+to ``--variants``. Each variant is a copy of one model (same weights, ``MODEL.WEIGHTS`` or the seeded random init) set up by
 :func:`panoptic_segformer.predictor.prepare_for_inference`. They run on a fixed random image of
 exactly (height, width) (or ``--image`` resized to it), so the network input is that size.
 
@@ -52,7 +53,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -110,6 +111,12 @@ def get_parser() -> argparse.ArgumentParser:
         help="variants with the backbone weights channels-last",
     )
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="explicit variants PRECISION[+cl][+compile] instead of the combinations above",
+    )
+    parser.add_argument(
         "--warmup", type=int, default=1, help="untimed runs first (>= 1 with compiled variants)"
     )
     parser.add_argument("--iters", type=int, default=3, help="timed runs per variant")
@@ -150,11 +157,27 @@ def variant_name(precision: str, channels_last: bool, compiled: bool) -> str:
     return precision + ("+cl" if channels_last else "") + ("+compile" if compiled else "")
 
 
-def variant_models(base, precisions, channels_last: str, compile: str) -> Dict[str, torch.nn.Module]:
-    """{name: a deep copy of ``base`` set up by ``prepare_for_inference``} for every combination
-    of ``precisions`` x ``channels_last`` x ``compile`` (each "off", "on" or "both")."""
+def parse_variant(name: str):
+    """"bf16+cl+compile" -> ("bf16", True, True); ValueError for anything else."""
+    precision, *flags = name.split("+")
+    if precision not in PRECISIONS or len(set(flags)) != len(flags) or set(flags) - {"cl", "compile"}:
+        raise ValueError(f"variant {name!r} is not PRECISION[+cl][+compile] with PRECISION in {list(PRECISIONS)}")
+    return precision, "cl" in flags, "compile" in flags
+
+
+def variant_list(precisions, channels_last: str, compile: str) -> List[str]:
+    """Every combination of ``precisions`` x ``channels_last`` x ``compile`` ("off", "on", "both")."""
+    return [
+        variant_name(p, cl, c)
+        for p, cl, c in itertools.product(precisions, _SWITCH[channels_last], _SWITCH[compile])
+    ]
+
+
+def variant_models(base, names: Sequence[str]) -> Dict[str, torch.nn.Module]:
+    """{name: a deep copy of ``base`` set up by ``prepare_for_inference``} for each variant name."""
     models = {}
-    for precision, cl, compiled in itertools.product(precisions, _SWITCH[channels_last], _SWITCH[compile]):
+    for name in names:
+        precision, cl, compiled = parse_variant(name)
         model = copy.deepcopy(base)
         precision_arg = precision if hasattr(model, "precision") else None
         prepare_for_inference(model, precision=precision_arg, compile=compiled, channels_last=cl)
@@ -492,16 +515,24 @@ def main(argv=None) -> int:
         if value < 1:
             print(f"--{name} must be >= 1, got {value}", file=sys.stderr)
             return 2
-    if args.warmup < 0 or (args.warmup == 0 and args.compile != "off"):
-        print(f"--warmup must be >= 0, and >= 1 with compiled variants; got {args.warmup}", file=sys.stderr)
-        return 2
     setup_logger(name="panoptic_segformer")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = get_panoptic_segformer_cfg(args.config_file, args.opts, args.device)
     cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
-    precisions = args.precision or default_precisions(device)
+    names = args.variants or variant_list(
+        args.precision or default_precisions(device), args.channels_last, args.compile
+    )
+    try:
+        variants = [parse_variant(name) for name in names]
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    precisions = list(dict.fromkeys(p for p, _, _ in variants))
+    if args.warmup < 0 or (args.warmup == 0 and any(c for _, _, c in variants)):
+        print(f"--warmup must be >= 0, and >= 1 with compiled variants; got {args.warmup}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)  # random weights decide how many segments reach the merging
     base = build_model(cfg)
     base.eval()
@@ -510,7 +541,7 @@ def main(argv=None) -> int:
         print(f"{type(base).__name__} has no precision setting: use --precision fp32", file=sys.stderr)
         return 2
     load_before = _load()
-    models = variant_models(base, precisions, args.channels_last, args.compile)
+    models = variant_models(base, names)
     del base
     inputs = make_inputs(args, cfg.INPUT.FORMAT)
     results = benchmark_variants(models, inputs, warmup=args.warmup, iters=args.iters, device=device)

@@ -11,7 +11,7 @@ Two modes, each one run over all variants:
     python tools/precision_accuracy.py outputs --config-file configs/R50.yaml --height 800 --width 1333
 
 Variants are chosen as in tools/benchmark_inference.py (``--precision``, ``--compile``,
-``--channels-last``); the first one, "fp32", is the reference.
+``--channels-last``, or ``--variants``); "fp32" (eager) is always run first, as the reference.
 
 ``pq``: Detectron2's ``inference_on_dataset`` with the config's evaluator (COCOPanopticEvaluator)
 on ``DATASETS.TEST[0]``. A pixel "changes" when it does not lie in a pair of segments of the two
@@ -57,6 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, help="default: as the benchmark")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
     parser.add_argument("--channels-last", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", help="explicit PRECISION[+cl][+compile] names")
     parser.add_argument("--height", type=int, default=800, help="outputs mode: input height")
     parser.add_argument("--width", type=int, default=1333, help="outputs mode: input width")
     parser.add_argument("--seed", type=int, default=0, help="outputs mode: seed of the random weights")
@@ -111,7 +112,7 @@ def pq_mode(args, cfg, base) -> Tuple[Dict, Dict]:
     import tempfile
 
     dataset = cfg.DATASETS.TEST[0]
-    models = bench.variant_models(base, args.precision, args.channels_last, args.compile)
+    models = bench.variant_models(base, args.variants)
     results, reference = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
@@ -166,7 +167,7 @@ def record_outputs(model) -> Dict:
 def outputs_mode(args, cfg, base) -> Tuple[Dict, Dict]:
     inputs = bench.make_inputs(argparse.Namespace(image=None, height=args.height, width=args.width, batch_size=1), cfg.INPUT.FORMAT)
     threshold = cfg.MODEL.PANOPTIC_SEGFORMER.TEST.MASK_THRESHOLD
-    models = bench.variant_models(base, args.precision, args.channels_last, args.compile)
+    models = bench.variant_models(base, args.variants)
     results, reference = {}, None
     for name, model in models.items():
         record = record_outputs(model)
@@ -220,9 +221,16 @@ def main(argv=None) -> int:
     cfg = get_panoptic_segformer_cfg(args.config_file, args.opts, args.device)
     cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
-    args.precision = args.precision or bench.default_precisions(device)
-    if args.precision[0] != "fp32":
-        args.precision = ["fp32"] + [p for p in args.precision if p != "fp32"]
+    names = args.variants or bench.variant_list(
+        args.precision or bench.default_precisions(device), args.channels_last, args.compile
+    )
+    try:
+        for name in names:
+            bench.parse_variant(name)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    args.variants = ["fp32"] + [n for n in names if n != "fp32"]  # the reference first
     if args.mode == "outputs":
         torch.manual_seed(args.seed)
     base = build_model(cfg)
