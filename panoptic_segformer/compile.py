@@ -1,20 +1,23 @@
 """``torch.compile`` of a Panoptic SegFormer's network stages for inference, with an eager fallback.
 
-:func:`compile_stages` compiles, in place, the ``forward`` of the stage modules (backbone, neck,
-encoder, location decoder, thing and stuff mask decoders). The parameters and the state dict
-are unchanged; top-k selection, padding bookkeeping, resizing and merging stay eager. A stage
+:func:`compile_stages` compiles, in place, the ``forward`` of the stage modules: by default the
+backbone, the neck, the encoder and the location decoder. The mask decoders are left eager by
+default: compiled, they were no faster on a CPU (their time goes to large batched matmuls and
+attention that inductor leaves to the same kernels) and they add the most graphs; pass
+``stages=ALL_STAGE_MODULES`` to compile them too. The parameters and the state dict are
+unchanged; top-k selection, padding bookkeeping, resizing and merging stay eager. A stage
 whose compilation fails (no C++ compiler, an unsupported op, a backend error) logs one warning
 and runs eagerly from then on; an error that eager code raises too (bad input) is raised as is.
 
-Compilation happens on the first call of each stage (minutes on a 2-core CPU for R50), inside
-the autocast region of the model's precision: fp32 and bf16 are separate graphs. Shapes
-(inductor, ``dynamic=None``, PyTorch's default): the first input size compiles a static graph;
-the second distinct padded size recompiles each stage once with symbolic sizes. Stages whose
-Python code reads sizes as ints (the mask decoders' level geometry, the deformable op's level
-shapes) stay specialised and recompile for every new padded size, up to
-``torch._dynamo.config.recompile_limit`` graphs (8 by default) per stage, after which that
-stage runs eagerly. Padded sizes are multiples of 32, so a fixed test resolution with a few
-aspect ratios stays within the limit; ``dynamic=False`` gives one static graph per size.
+Compilation happens on the first call of each stage (several minutes for R50 on a 2-core CPU),
+inside the autocast region of the model's precision: fp32 and bf16 are separate graphs.
+What recompiles (inductor, ``dynamic=None``, PyTorch's default; measured on the quickstart
+model over 11 input sizes): the first padded input size compiles static graphs; the second
+distinct size recompiles every stage once with symbolic sizes; later sizes mostly reuse those
+graphs, but a size that crosses a shape guard (e.g. the convolution heuristics of a
+feature-map size threshold) recompiles the backbone and neck again (2 of 9 further sizes did).
+Each code object keeps at most ``torch._dynamo.config.recompile_limit`` graphs (8 by default),
+after which that stage runs eagerly. ``dynamic=False`` gives one static graph per padded size.
 """
 import logging
 from typing import Callable, Dict, List, Optional, Sequence
@@ -22,19 +25,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["STAGE_MODULES", "compile_stages", "CompiledForward"]
+__all__ = ["ALL_STAGE_MODULES", "STAGE_MODULES", "CompiledForward", "compile_stages"]
 
 logger = logging.getLogger(__name__)
 
 # submodules of PanopticSegFormer compiled by default (absent ones are skipped)
-STAGE_MODULES = (
-    "backbone",
-    "neck",
-    "head.encoder",
-    "head.location_decoder",
-    "head.thing_mask_decoder",
-    "head.stuff_mask_decoder",
-)
+STAGE_MODULES = ("backbone", "neck", "head.encoder", "head.location_decoder")
+ALL_STAGE_MODULES = STAGE_MODULES + ("head.thing_mask_decoder", "head.stuff_mask_decoder")
 
 
 class CompiledForward:

@@ -10,7 +10,7 @@ from conftest import requires_detectron2
 
 pytestmark = requires_detectron2
 
-from panoptic_segformer.compile import STAGE_MODULES, CompiledForward, compile_stages  # noqa: E402
+from panoptic_segformer.compile import ALL_STAGE_MODULES, CompiledForward, compile_stages  # noqa: E402
 
 
 def _failing_backend(graph_module, example_inputs):
@@ -43,12 +43,12 @@ def test_compiled_stages_give_the_eager_outputs():
     eager = _small_model()
     model = copy.deepcopy(eager)
     keys = set(model.state_dict())
-    assert compile_stages(model, backend="eager") == list(STAGE_MODULES)
+    assert compile_stages(model, ALL_STAGE_MODULES, backend="eager") == list(ALL_STAGE_MODULES)
     assert set(model.state_dict()) == keys  # parameters untouched, checkpoints still load
     ref, out = _run(eager), _run(model)
     assert torch.equal(ref["panoptic_seg"][0], out["panoptic_seg"][0])
     assert ref["panoptic_seg"][1] == out["panoptic_seg"][1]
-    for name in STAGE_MODULES:
+    for name in ALL_STAGE_MODULES:
         assert model.get_submodule(name).forward.failed is None, name
     with pytest.raises(RuntimeError, match="already compiled"):
         compile_stages(model, ["neck"], backend="eager")
