@@ -79,7 +79,8 @@ def prepare_for_inference(
             against the model's device (:func:`~.modeling.precision.check_precision`).
         compile: ``torch.compile`` the stages (:func:`~.compile.compile_stages`); the first
             call at each new input size compiles (minutes on a CPU), and a stage that cannot
-            compile runs eagerly after one warning.
+            compile runs eagerly after one warning. With ``official_compat`` (every image at its
+            own unpadded size) a warning says that new sizes recompile.
         channels_last: store the backbone's 4-d weights channels-last, so its convolutions run
             in oneDNN's preferred layout (helps bf16 on CPU).
 
@@ -98,6 +99,12 @@ def prepare_for_inference(
             raise TypeError(f"{type(model).__name__} has no 'backbone' to make channels-last")
         backbone.to(memory_format=torch.channels_last)
     if compile:
+        if getattr(model, "official_compat", False):
+            logger.warning(
+                "compile with MODEL.PANOPTIC_SEGFORMER.OFFICIAL_COMPAT: every image runs at its own "
+                "unpadded size, so compiled stages recompile for new sizes and, past torch's "
+                "recompile limit, run eagerly; compilation pays off only for inputs of few sizes"
+            )
         compile_stages(model)
     return model
 

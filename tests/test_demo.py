@@ -437,6 +437,29 @@ def test_confidence_threshold_reaches_the_merging():
     assert counts["0.0"] > 0 and counts["1.0"] == 0
 
 
+def test_precision_compile_and_channels_last_options():
+    """--precision sets TEST.PRECISION (the config's is the default) and reaches the model with
+    --channels-last and --compile; an unknown precision is a usage error."""
+    import torch
+
+    from panoptic_segformer.compile import CompiledForward
+
+    def parse(*extra):
+        return demo.get_parser().parse_args(["--config-file", R50, "--input", "x", *extra, "--opts", *SMALL_MODEL_OPTS])
+
+    assert demo.setup_cfg(parse()).MODEL.PANOPTIC_SEGFORMER.TEST.PRECISION == "fp32"
+    args = parse("--precision", "bf16", "--channels-last", "--compile")
+    cfg = demo.setup_cfg(args)
+    assert cfg.MODEL.PANOPTIC_SEGFORMER.TEST.PRECISION == "bf16"
+    model = demo.build_predictor(cfg, args).model
+    assert model.precision == "bf16"
+    assert model.backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(model.backbone.forward, CompiledForward)
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--precision", "int8")
+    assert exit_info.value.code == 2
+
+
 # --------------------------------------------------------------------------- bad inputs and frames
 
 

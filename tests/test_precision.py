@@ -159,3 +159,33 @@ def test_changed_pixels_by_hand():
     assert pa.matched_pixels(a, seg_a, shrunk, seg_a) == 11
     with pytest.raises(ValueError, match="differ in size"):
         pa.matched_pixels(a, seg_a, a[:2], seg_a)
+
+
+def test_bf16_and_compile_in_the_official_compatible_mode(monkeypatch, caplog):
+    """OFFICIAL_COMPAT runs a batch image by image at each image's size: bf16 applies to every
+    image (the backbone sees bfloat16, the merging float32), the outputs keep each image's size
+    and stay close to fp32's; compile warns that new sizes recompile."""
+    from test_official_compat import compat_model
+    from test_meta_arch import synthetic_input
+
+    from panoptic_segformer.predictor import prepare_for_inference
+
+    fp32 = compat_model()
+    bf16 = prepare_for_inference(copy.deepcopy(fp32), precision="bf16")
+    backbone_dtypes = []
+    bf16.backbone.register_forward_hook(lambda m, i, o: backbone_dtypes.append(o["res3"].dtype))
+    merging = _spy_merging(monkeypatch)
+    inputs = [synthetic_input(96, 128, seed=0, with_targets=False), synthetic_input(80, 112, seed=1, with_targets=False)]
+    pa = load_tool("precision_accuracy")
+    ref, out = pa.record_outputs(fp32), pa.record_outputs(bf16)
+    with torch.no_grad():
+        fp32(inputs)
+        results = bf16(inputs)
+    assert backbone_dtypes == [torch.bfloat16] * 2  # one backbone call per image
+    assert merging[-2:] == [(torch.float32, torch.float32)] * 2
+    assert [r["panoptic_seg"][0].shape for r in results] == [(96, 128), (80, 112)]
+    diff = (out["class_logits"] - ref["class_logits"]).abs().max().item()
+    assert 0 < diff < 0.06, diff  # the tolerance of test_bf16_against_fp32_on_a_small_model
+    with caplog.at_level(logging.WARNING, logger="panoptic_segformer.predictor"):
+        prepare_for_inference(compat_model(), compile=True)
+    assert "OFFICIAL_COMPAT" in caplog.text and "recompile" in caplog.text
