@@ -319,26 +319,47 @@ def test_training_from_nan_weights_stops_before_writing_anything(tmp_path, toy_r
     assert not list(out.glob("model_*.pth")) and not (out / "last_checkpoint").exists()
 
 
-def test_a_nan_gradient_stops_the_step_before_it_writes(toy_root):
-    """The failure of the issue: one NaN weight in the encoder; full-model clipping would spread
-    the NaN gradient norm to every parameter in one step. The step must raise, naming the NaN
-    parameter, and leave every parameter as it was."""
+def _one_step(cfg, model):
+    """One Detectron2 ``SimpleTrainer`` step on the toy loader: the NonFiniteTrainingError it
+    raises and the parameters from before the step."""
     from detectron2.engine import SimpleTrainer
     from detectron2.utils.events import EventStorage
 
     from panoptic_segformer.engine import NonFiniteTrainingError, build_optimizer, build_train_loader
 
-    cfg, model, name = _tiny_state_with_nan(toy_root)
     model.train()
     trainer = SimpleTrainer(model, build_train_loader(cfg), build_optimizer(cfg, model))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with EventStorage(0), pytest.raises(NonFiniteTrainingError) as info:
         trainer.run_step()
-    message = str(info.value)
+    return str(info.value), before
+
+
+def test_a_nan_weight_stops_training_in_the_forward_pass(toy_root):
+    """The failure of the issue: one NaN weight in the encoder. The op propagates it like
+    grid_sample, so the step must stop before the matching, naming the NaN parameter, and leave
+    every parameter as it was."""
+    cfg, model, name = _tiny_state_with_nan(toy_root)
+    message, before = _one_step(cfg, model)
     assert f"First non-finite parameter: {name} (1 NaN" in message and "iteration 0" in message
-    assert "first non-finite gradient: " in message and "gradient: none" not in message
+    assert "before the loss" in message
     for n, p in model.named_parameters():
         assert torch.allclose(p, before[n], rtol=0, atol=0, equal_nan=True), n
+
+
+def test_a_nan_gradient_stops_the_step_before_it_writes(toy_root):
+    """Finite forward pass, one NaN gradient: full-model clipping would spread the NaN gradient
+    norm to every parameter in one step. The step must raise, naming the gradient, and leave
+    every parameter as it was."""
+    cfg, model = _tiny_model(toy_root, "toynangrad")
+    name, param = next((n, p) for n, p in model.named_parameters() if n.endswith("sampling_offsets.weight"))
+    param.register_hook(lambda grad: grad * float("nan"))
+    message, before = _one_step(cfg, model)
+    assert "before the optimizer step" in message and "iteration 0" in message
+    assert "First non-finite parameter: none" in message
+    assert f"first non-finite gradient: {name} (" in message
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 def test_non_finite_check_without_full_model_clipping():

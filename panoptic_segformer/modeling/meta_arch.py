@@ -256,6 +256,7 @@ class PanopticSegFormer(nn.Module):
             enc = self._encode(features, image_sizes)
             loc = self._locate(enc)
         if self.training:
+            self._check_finite_outputs(loc)
             targets = self.prepare_targets(batched_inputs, image_sizes, batch_size)
             return self._losses(loc, enc, targets)
         return self._inference(loc, enc, batched_inputs, image_sizes)
@@ -411,6 +412,15 @@ class PanopticSegFormer(nn.Module):
                 target.update(stuff_labels=stuff_labels, stuff_masks=stuff_masks)
             targets.append(target)
         return targets
+
+    def _check_finite_outputs(self, loc: Dict) -> None:
+        """Raise ``NonFiniteTrainingError`` naming the first non-finite parameter when the
+        location decoder's logits or boxes hold NaN / Inf (they would reach the matching)."""
+        if bool(torch.isfinite(loc["pred_logits"]).all() & torch.isfinite(loc["pred_boxes"]).all()):
+            return
+        from ..engine.non_finite import non_finite_output_error
+
+        raise non_finite_output_error(self.named_parameters(), "the location decoder's class logits or boxes")
 
     def _losses(self, loc: Dict, enc: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
         losses, indices = self.criterion.location_losses(loc["pred_logits"], loc["pred_boxes"], targets)
