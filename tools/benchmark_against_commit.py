@@ -33,8 +33,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1, help="baseline / current pairs (default 1)")
     parser.add_argument("--workdir", default=None, help="worktree of the commit (default: under TMPDIR)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER,
-                        help="after --: arguments of tools/benchmark_inference.py")
+    parser.epilog = "Arguments after -- go to tools/benchmark_inference.py."
     return parser
 
 
@@ -102,8 +101,9 @@ def format_table(table: Dict, commit: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
-    bench = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, bench = get_parser().parse_args(argv[:split]), argv[split + 1:]
     if args.rounds < 1:
         print(f"--rounds must be >= 1, got {args.rounds}", file=sys.stderr)
         return 2
