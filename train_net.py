@@ -6,6 +6,8 @@
     python train_net.py --config-file configs/R50.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file configs/R50.yaml --resume               # continue a run
     python train_net.py --config-file configs/R50.yaml --trust-checkpoint MODEL.WEIGHTS R-50.pkl
+    python train_net.py --config-file configs/R50.yaml --dataset mine_train:imgs:pngs:panoptic.json \
+        DATASETS.TRAIN "('mine_train',)"                                        # your own data
 
 ``--num-gpus N`` starts N processes per machine: NCCL on GPUs, gloo on a machine without CUDA
 (where ``MODEL.DEVICE`` is set to "cpu" automatically).
@@ -29,6 +31,7 @@ from detectron2.utils.logger import setup_logger
 import panoptic_segformer.data  # noqa: F401  (registers the toy and sample datasets)
 from panoptic_segformer import add_panoptic_segformer_config  # also registers the model
 from panoptic_segformer.checkpoint import SafeCheckpointer
+from panoptic_segformer.data import register_datasets_from_cfg
 from panoptic_segformer.engine import (
     build_evaluator,
     build_optimizer,
@@ -87,12 +90,14 @@ def setup(args):
     add_panoptic_segformer_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    cfg.DATASETS.COCO_PANOPTIC = list(cfg.DATASETS.COCO_PANOPTIC) + list(getattr(args, "dataset", None) or [])
     if getattr(args, "trust_checkpoint", False):
         cfg.MODEL.TRUST_CHECKPOINT = True
     moved_to_cpu = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if moved_to_cpu:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    register_datasets_from_cfg(cfg)  # in every process: main() runs in each DDP worker
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="panoptic_segformer")
     if moved_to_cpu:
@@ -126,6 +131,11 @@ def cli(argv=None):
         help="allow MODEL.WEIGHTS files that need full unpickling (.pkl such as the converted "
         "ImageNet ResNets, .pyth, .pth with objects): they can run code, so only for files from "
         "a trusted source (same as MODEL.TRUST_CHECKPOINT True)",
+    )
+    parser.add_argument(
+        "--dataset", action="append", default=[], metavar="NAME:IMAGE_DIR:PANOPTIC_PNG_DIR:PANOPTIC_JSON",
+        help="register a COCO-format panoptic dataset under NAME (categories from the JSON; "
+        "repeatable; appended to DATASETS.COCO_PANOPTIC); name it in DATASETS.TRAIN / DATASETS.TEST",
     )
     args = parser.parse_args(argv)
     print("Command Line Args:", args)

@@ -83,6 +83,9 @@ def add_panoptic_segformer_config(cfg):
     cfg.MODEL.TIMM.PRETRAINED = ""  # path to a local timm state dict ("" = random init)
 
     # data
+    # COCO-format panoptic datasets given by paths, "NAME:IMAGE_DIR:PANOPTIC_PNG_DIR:PANOPTIC_JSON"
+    # (train_net.py --dataset), registered before the loaders are built; name them in DATASETS.TRAIN/TEST
+    cfg.DATASETS.COCO_PANOPTIC = []
     cfg.INPUT.DATASET_MAPPER_NAME = "panoptic_detr"  # or "panoptic_lsj"
     cfg.INPUT.DETR_CROP = CN()
     cfg.INPUT.DETR_CROP.ENABLED = True

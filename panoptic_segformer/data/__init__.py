@@ -8,7 +8,8 @@ Importing this package registers
   ``../shared/data/coco_panoptic_sample`` beside the repository) exists;
 
 and makes Detectron2's builtin ``coco_*_panoptic`` datasets load with the project's loader
-(errors that name the file, segment and category id).
+(errors that name the file, segment and category id). ``register_datasets_from_cfg`` registers the
+datasets given by paths in ``DATASETS.COCO_PANOPTIC`` (``train_net.py --dataset``).
 """
 import os
 from .datasets import (
@@ -17,6 +18,12 @@ from .datasets import (
     panoptic_metadata_from_categories,
     register_coco_panoptic_sample,
     register_panoptic_dataset,
+)
+from .datasets_from_paths import (
+    PanopticDatasetSpec,
+    parse_dataset_spec,
+    register_dataset_spec,
+    register_datasets_from_cfg,
 )
 from .panoptic_dataset_mapper import (
     PanopticDatasetMapper,
@@ -40,6 +47,7 @@ __all__ = [
     "CV2ResizeTransform",
     "MMCVRescale",
     "PanopticDatasetMapper",
+    "PanopticDatasetSpec",
     "adopt_coco_panoptic_datasets",
     "RandomChoiceAugmentation",
     "TOY_CATEGORIES",
@@ -50,7 +58,10 @@ __all__ = [
     "default_toy_root",
     "load_panoptic_json",
     "panoptic_metadata_from_categories",
+    "parse_dataset_spec",
     "register_coco_panoptic_sample",
+    "register_dataset_spec",
+    "register_datasets_from_cfg",
     "register_panoptic_dataset",
     "register_toy_panoptic",
 ]
