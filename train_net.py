@@ -13,6 +13,7 @@
 (where ``MODEL.DEVICE`` is set to "cpu" automatically).
 """
 import logging
+import os
 import weakref
 
 import torch
@@ -33,6 +34,7 @@ from panoptic_segformer import add_panoptic_segformer_config  # also registers t
 from panoptic_segformer.checkpoint import SafeCheckpointer
 from panoptic_segformer.data import register_datasets_from_cfg
 from panoptic_segformer.engine import (
+    LearningCurveHook,
     build_evaluator,
     build_optimizer,
     build_test_loader,
@@ -67,6 +69,14 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """DefaultTrainer's hooks, then (main process, ``TEST.LEARNING_CURVE`` set) the learning curve,
+        after the EvalHook whose results it plots."""
+        hooks = super().build_hooks()
+        if self.cfg.TEST.LEARNING_CURVE and comm.is_main_process():
+            hooks.append(LearningCurveHook(os.path.join(self.cfg.OUTPUT_DIR, self.cfg.TEST.LEARNING_CURVE)))
+        return hooks
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -97,6 +97,10 @@ def add_panoptic_segformer_config(cfg):
     cfg.INPUT.LSJ.MIN_SCALE = 0.1
     cfg.INPUT.LSJ.MAX_SCALE = 2.0
 
+    # PNG of PQ / PQ_th / PQ_st after each evaluation (TEST.EVAL_PERIOD and the final one), relative
+    # to OUTPUT_DIR; "" = none
+    cfg.TEST.LEARNING_CURVE = ""
+
     # solver (SPEC §7)
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.LR_MULTIPLIER_KEYS = ["backbone", "sampling_offsets", "reference_points"]

@@ -7,3 +7,5 @@ python train_net.py --config-file configs/quickstart.yaml
 python demo/demo.py --config-file configs/quickstart.yaml \
     --input ~/.cache/panoptic_segformer/toy/v1/val/images/00000[1-4].png --output output/quickstart/vis \
     --opts MODEL.WEIGHTS output/quickstart/model_final.pth
+echo "== learning curve (PQ, PQ_th, PQ_st against iterations): output/quickstart/vis/learning_curve.png"
+echo "== demo drawings: output/quickstart/vis/"

@@ -401,7 +401,7 @@ def test_resume_falls_back_when_the_last_checkpoint_is_truncated(tmp_path, toy_r
 # ----------------------------------------------------------------------------- datasets from paths
 def test_trains_and_evaluates_a_dataset_given_only_by_paths(tmp_path, toy_root):
     """``--dataset NAME:IMAGES:PNGS:JSON`` registers a COCO-format folder (no Python code): the
-    run trains on it and evaluates PQ on it."""
+    run trains on it, evaluates PQ on it and plots the two evaluations (TEST.LEARNING_CURVE)."""
     from panoptic_segformer.data.toy_dataset import generate_toy_split
 
     data = tmp_path / "mine"
@@ -410,11 +410,13 @@ def test_trains_and_evaluates_a_dataset_given_only_by_paths(tmp_path, toy_root):
     out = tmp_path / "out"
     code, log = _run(_train_cmd(out, "--dataset", spec, opts=[
         "DATASETS.TRAIN", "('mine',)", "DATASETS.TEST", "('mine',)",
-        "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000"]), toy_root)
+        "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "TEST.EVAL_PERIOD", "1", "TEST.LEARNING_CURVE", "vis/curve.png"]), toy_root)
     assert code == 0, log[-3000:]
     assert (out / "model_final.pth").is_file()
     assert "Evaluation results for mine in csv format" in log
-    assert re.search(r"copypaste: PQ,SQ,RQ", log), "evaluation did not run"
+    assert len(re.findall(r"copypaste: PQ,SQ,RQ", log)) == 2, "expected evaluations after iterations 1 and 2"
+    assert (out / "vis" / "curve.png").read_bytes()[:4] == b"\x89PNG"
     # the spec is part of the run's saved config
     assert spec in (out / "config.yaml").read_text()
 

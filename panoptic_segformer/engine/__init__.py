@@ -6,6 +6,7 @@ from .evaluation import (
     PanopticSemSegEvaluator,
     build_evaluator,
 )
+from .learning_curve import LearningCurveHook
 from .non_finite import NonFiniteTrainingError
 from .optimizer import (
     add_full_model_gradient_clipping,
@@ -17,6 +18,7 @@ from .train_loop import build_test_loader, build_train_loader, build_train_loop,
 
 __all__ = [
     "AutocastTrainer",
+    "LearningCurveHook",
     "NonFiniteTrainingError",
     "PanopticCOCOEvaluator",
     "PanopticQualityEvaluator",
