@@ -3,7 +3,8 @@
 Importing this package registers
 
 * ``toy_panoptic_train`` / ``toy_panoptic_val``, generated into ``$PSF_TOY_ROOT`` or
-  ``~/.cache/panoptic_segformer/toy`` on first load;
+  ``~/.cache/panoptic_segformer/toy`` on first load, and ``toy_hard_panoptic_train`` /
+  ``toy_hard_panoptic_val``, its hard style (toy_hard.py);
 * ``coco_panoptic_sample`` (2 COCO val2017 images) when the folder ``$PSF_COCO_SAMPLE`` (default
   ``../shared/data/coco_panoptic_sample`` beside the repository) exists;
 
@@ -35,6 +36,7 @@ from .test_resize import CV2ResizeTransform, MMCVRescale, build_test_augmentatio
 from .toy_dataset import TOY_CATEGORIES, default_toy_root, register_toy_panoptic
 
 register_toy_panoptic()
+register_toy_panoptic(prefix="toy_hard_panoptic", style="hard")
 adopt_coco_panoptic_datasets()
 _COCO_SAMPLE = os.environ.get(
     "PSF_COCO_SAMPLE",

@@ -7,7 +7,11 @@ to an earlier one, so they touch and overlap (the later one occludes); each inst
 least 40% of its area visible. Thing colours depend on the class (with per-instance jitter), so a
 small model learns the task in minutes on a CPU.
 
-Files, per split, under ``<root>/<VERSION>/<split>/``:
+``style="hard"`` (toy_hard.py, folder ``hard-v1``) makes a harder variant with the same categories:
+thing colours and textures independent of the class, several occluding instances per class, varied
+sizes and irregular stuff borders.
+
+Files, per split, under ``<root>/<VERSION>/<split>/`` (``<root>/hard-v1/<split>/`` for the hard style):
 
 * ``images/<id>.png``             RGB image
 * ``panoptic/<id>.png``           panoptic PNG, segment id = R + 256 G + 256^2 B
@@ -34,6 +38,8 @@ __all__ = ["TOY_CATEGORIES", "default_toy_root", "generate_toy_split", "ensure_t
            "register_toy_panoptic", "render_toy_image"]
 
 VERSION = "v1"
+# style -> cache sub-folder; "hard": thing colours independent of class (toy_hard.py)
+STYLE_FOLDERS = {"easy": VERSION, "hard": "hard-v1"}
 TOY_CATEGORIES: List[Dict] = [
     {"id": 1, "name": "square", "isthing": 1, "color": [220, 50, 50]},
     {"id": 2, "name": "disc", "isthing": 1, "color": [40, 90, 220]},
@@ -162,6 +168,12 @@ def render_toy_image(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, 
         centres.append((cx, cy, size))
         next_id += 1
 
+    return np.round(image).astype(np.uint8), ids, segments_info(ids, categories)
+
+
+def segments_info(ids: np.ndarray, categories: Dict[int, int]) -> List[Dict]:
+    """COCO panoptic segments_info of the (h, w) id map for {segment id: category id}; segments
+    with no visible pixel are left out."""
     segments = []
     for seg_id, cat_id in categories.items():
         m = ids == seg_id
@@ -174,7 +186,7 @@ def render_toy_image(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, 
             "id": seg_id, "category_id": cat_id, "iscrowd": 0, "area": area,
             "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
         })
-    return np.round(image).astype(np.uint8), ids, segments
+    return segments
 
 
 def _id2rgb(ids: np.ndarray) -> np.ndarray:
@@ -184,17 +196,29 @@ def _id2rgb(ids: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def generate_toy_split(out_dir: str, num_images: int, seed: int) -> None:
+def _renderer(style: str):
+    """The image renderer of a toy ``style``: "easy" (this module) or "hard" (toy_hard.py)."""
+    if style == "easy":
+        return render_toy_image
+    if style == "hard":
+        from .toy_hard import render_hard_toy_image
+
+        return render_hard_toy_image
+    raise ValueError(f"unknown toy style {style!r}; expected one of {sorted(STYLE_FOLDERS)}")
+
+
+def generate_toy_split(out_dir: str, num_images: int, seed: int, style: str = "easy") -> None:
     """Write ``num_images`` toy images of one split into ``out_dir`` (see the module docstring)."""
     from pycocotools import mask as mask_util
 
+    render = _renderer(style)
     for sub in ("images", "panoptic", "panoptic_semseg"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     contiguous = {c["id"]: i for i, c in enumerate(TOY_CATEGORIES)}
     images, annotations, instances = [], [], []
     for idx in range(num_images):
         rng = np.random.default_rng([seed, idx])
-        image, ids, segments = render_toy_image(rng)
+        image, ids, segments = render(rng)
         h, w = ids.shape
         image_id = idx + 1
         name = f"{image_id:06d}.png"
@@ -221,18 +245,19 @@ def generate_toy_split(out_dir: str, num_images: int, seed: int) -> None:
         json.dump({"images": images, "annotations": instances, "categories": thing_cats}, f)
 
 
-def ensure_toy_split(root: str, split: str, num_images: Optional[int] = None) -> str:
-    """Generate split ``split`` under ``root`` unless it exists; returns the split folder."""
+def ensure_toy_split(root: str, split: str, num_images: Optional[int] = None, style: str = "easy") -> str:
+    """Generate split ``split`` of ``style`` under ``root`` unless it exists; returns the split folder."""
     if split not in SPLITS:
         raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(SPLITS)}")
     default_n, seed = SPLITS[split]
-    final = os.path.join(root, VERSION, split)
+    _renderer(style)  # an unknown style fails before anything is written
+    final = os.path.join(root, STYLE_FOLDERS[style], split)
     if os.path.isfile(os.path.join(final, "panoptic.json")):
         return final
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{split}-", dir=os.path.dirname(final))
     try:
-        generate_toy_split(tmp, num_images or default_n, seed)
+        generate_toy_split(tmp, num_images or default_n, seed, style)
         os.rename(tmp, final)
     except OSError:
         if not os.path.isfile(os.path.join(final, "panoptic.json")):  # not a lost race
@@ -243,19 +268,21 @@ def ensure_toy_split(root: str, split: str, num_images: Optional[int] = None) ->
 
 
 def register_toy_panoptic(root: Optional[str] = None, prefix: str = "toy_panoptic",
-                          num_images: Optional[Dict[str, int]] = None) -> List[str]:
+                          num_images: Optional[Dict[str, int]] = None, style: str = "easy") -> List[str]:
     """Register ``<prefix>_train`` and ``<prefix>_val``; the files are generated on first load.
 
     Args:
         root: cache folder (default :func:`default_toy_root`).
         num_images: optional {split: count} overriding the default sizes (300 train, 50 val);
             only used when a split is generated.
+        style: "easy" (this module; folder ``v1``) or "hard" (toy_hard.py; folder ``hard-v1``).
     """
+    _renderer(style)  # an unknown style fails before anything is registered
     root = root or default_toy_root()
     num_images = num_images or {}
     names = []
     for split in SPLITS:
-        folder = os.path.join(root, VERSION, split)
+        folder = os.path.join(root, STYLE_FOLDERS[style], split)
         name = f"{prefix}_{split}"
         register_panoptic_dataset(
             name,
@@ -265,7 +292,7 @@ def register_toy_panoptic(root: Optional[str] = None, prefix: str = "toy_panopti
             categories=TOY_CATEGORIES,
             instances_json=os.path.join(folder, "instances.json"),
             sem_seg_root=os.path.join(folder, "panoptic_semseg"),
-            prepare=lambda split=split: ensure_toy_split(root, split, num_images.get(split)),
+            prepare=lambda split=split: ensure_toy_split(root, split, num_images.get(split), style),
         )
         names.append(name)
     return names
