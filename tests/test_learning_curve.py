@@ -31,19 +31,23 @@ def test_reads_the_eval_hook_results_from_the_storage_once(tmp_path):
 
     hook = LearningCurveHook(str(tmp_path / "curve.png"))
     with EventStorage(start_iter=0) as storage:
-        hook.trainer = SimpleNamespace(storage=storage)
+        # as TrainerBase: storage.iter == trainer.iter in a step; both max_iter in after_train
+        trainer = hook.trainer = SimpleNamespace(storage=storage, iter=0)
         storage.put_scalars(total_loss=1.0)
         hook.after_step()  # no evaluation yet
         assert hook.points == {}
-        storage.iter = 49  # EvalHook of period 50 evaluates after iteration 49
+        trainer.iter = storage.iter = 49  # EvalHook of period 50 evaluates after iteration 49
         storage.put_scalars(**{"val_a/panoptic_seg/PQ": 12.0, "val_b/panoptic_seg/PQ": 34.0},
                             smoothing_hint=False)
         hook.after_step()
-        storage.iter = 50
+        trainer.iter = storage.iter = 50
         storage.put_scalars(total_loss=0.5)
         hook.after_step()  # the same results again: not a new point
+        trainer.iter = storage.iter = 60  # max_iter 60: the final evaluation in after_train
+        storage.put_scalars(**{"val_a/panoptic_seg/PQ": 15.0, "val_b/panoptic_seg/PQ": 36.0},
+                            smoothing_hint=False)
         hook.after_train()
-    assert hook.points == {"val_a/PQ": [(50, 12.0)], "val_b/PQ": [(50, 34.0)]}
+    assert hook.points == {"val_a/PQ": [(50, 12.0), (60, 15.0)], "val_b/PQ": [(50, 34.0), (60, 36.0)]}
 
 
 def test_without_matplotlib_it_warns_once_and_keeps_the_points(tmp_path, monkeypatch, caplog):

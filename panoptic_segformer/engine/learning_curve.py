@@ -34,17 +34,18 @@ class LearningCurveHook(HookBase):
         self._warned_no_matplotlib = False
 
     def after_step(self):
-        self._record_latest()
+        self._record_latest(self.trainer.iter + 1)
 
     def after_train(self):
-        self._record_latest()
+        self._record_latest(self.trainer.iter)  # == max_iter after a finished training
 
-    def _record_latest(self):
+    def _record_latest(self, iterations_done: int):
+        """Record the PQ results that EvalHook stored since the last call, if any."""
         latest = self.trainer.storage.latest()
         results = {k: v for k, (v, it) in latest.items() if _PQ_KEY.match(k) and it > self._last_recorded_iter}
         if results:
             self._last_recorded_iter = max(latest[k][1] for k in results)
-            self.record(self._last_recorded_iter + 1, results)
+            self.record(iterations_done, results)
 
     def record(self, iteration: int, results: Dict[str, float]) -> None:
         """Append the PQ values of flattened ``results`` at ``iteration`` and redraw the plot."""
