@@ -138,27 +138,13 @@ def render_toy_image(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, 
     centres: List[Tuple[float, float, float]] = []
     next_id = len(regions) + 1
     for _ in range(n_things):
-        for _attempt in range(20):
-            cat = things[int(rng.integers(len(things)))]
-            size = float(rng.uniform(22, 48))
-            if centres and rng.random() < 0.6:  # next to an earlier instance: touch / overlap
-                px, py, ps = centres[int(rng.integers(len(centres)))]
-                ang = rng.uniform(0, 2 * np.pi)
-                dist = (ps + size) / 2 * rng.uniform(0.7, 1.05)
-                cx, cy = px + dist * np.cos(ang), py + dist * np.sin(ang)
-            else:
-                cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
-            mask = _shape_mask(cat["name"], cx, cy, size, rng.uniform(0, 2 * np.pi), yy, xx)
-            if mask.sum() < MIN_VISIBLE_AREA / MIN_VISIBLE_FRACTION:
-                continue
-            trial = ids.copy()
-            trial[mask] = next_id
-            if all((trial == sid).sum() >= max(MIN_VISIBLE_AREA, MIN_VISIBLE_FRACTION * area)
-                   for sid, area in placed):
-                break
-        else:
+        placement = place_thing(
+            rng, ids, placed, centres, next_id, lambda: things[int(rng.integers(len(things)))],
+            size_range=(22, 48), touch_prob=0.6, dist_range=(0.7, 1.05), grid=(yy, xx),
+        )
+        if placement is None:
             continue
-        ids = trial
+        cat, mask, ids, (cx, cy, size) = placement
         colour = np.clip(np.array(cat["color"], np.float32) + rng.uniform(-30, 30, 3), 0, 255)
         inner = ndimage.binary_erosion(mask, iterations=2)
         image[mask] = colour * 0.35
@@ -169,6 +155,38 @@ def render_toy_image(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, 
         next_id += 1
 
     return np.round(image).astype(np.uint8), ids, segments_info(ids, categories)
+
+
+def place_thing(rng, ids, placed, centres, next_id, pick_category, size_range, touch_prob, dist_range, grid):
+    """Up to 20 random tries to paint thing ``next_id`` over the (h, w) id map ``ids`` so that
+    every earlier thing in ``placed`` [(segment id, full area)] stays visible enough.
+
+    Each try draws a category (``pick_category()``), a size in ``size_range`` and a centre: with
+    probability ``touch_prob`` next to an earlier instance of ``centres`` [(cx, cy, size)], at
+    ``dist_range`` times the sum of the half sizes (touching / occluding), else anywhere.
+    ``grid``: the (yy, xx) pixel coordinates. Returns (category, mask (h, w) bool, new id map,
+    (cx, cy, size)), or None when no try worked.
+    """
+    h, w = ids.shape
+    yy, xx = grid
+    for _attempt in range(20):
+        cat = pick_category()
+        size = float(rng.uniform(*size_range))
+        if centres and rng.random() < touch_prob:
+            px, py, ps = centres[int(rng.integers(len(centres)))]
+            ang = rng.uniform(0, 2 * np.pi)
+            dist = (ps + size) / 2 * rng.uniform(*dist_range)
+            cx, cy = px + dist * np.cos(ang), py + dist * np.sin(ang)
+        else:
+            cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
+        mask = _shape_mask(cat["name"], cx, cy, size, rng.uniform(0, 2 * np.pi), yy, xx)
+        if mask.sum() < MIN_VISIBLE_AREA / MIN_VISIBLE_FRACTION:
+            continue
+        trial = ids.copy()
+        trial[mask] = next_id
+        if all((trial == sid).sum() >= max(MIN_VISIBLE_AREA, MIN_VISIBLE_FRACTION * area) for sid, area in placed):
+            return cat, mask, trial, (cx, cy, size)
+    return None
 
 
 def segments_info(ids: np.ndarray, categories: Dict[int, int]) -> List[Dict]:

@@ -11,14 +11,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .toy_dataset import (
-    MIN_VISIBLE_AREA,
-    MIN_VISIBLE_FRACTION,
-    TOY_CATEGORIES,
-    _shape_mask,
-    _texture,
-    segments_info,
-)
+from .toy_dataset import TOY_CATEGORIES, _texture, place_thing, segments_info
 
 __all__ = ["render_hard_toy_image"]
 
@@ -76,27 +69,14 @@ def render_hard_toy_image(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndar
     placed: List[Tuple[int, int]] = []  # (segment id, full area)
     centres: List[Tuple[float, float, float]] = []
     next_id = n_regions + 1
-    for cat in plan:
-        for _attempt in range(20):
-            size = float(rng.uniform(14, 64))
-            if centres and rng.random() < 0.7:  # against an earlier instance: touch / occlude
-                px, py, ps = centres[int(rng.integers(len(centres)))]
-                ang = rng.uniform(0, 2 * np.pi)
-                dist = (ps + size) / 2 * rng.uniform(0.5, 1.0)
-                cx, cy = px + dist * np.cos(ang), py + dist * np.sin(ang)
-            else:
-                cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
-            mask = _shape_mask(cat["name"], cx, cy, size, rng.uniform(0, 2 * np.pi), yy, xx)
-            if mask.sum() < MIN_VISIBLE_AREA / MIN_VISIBLE_FRACTION:
-                continue
-            trial = ids.copy()
-            trial[mask] = next_id
-            if all((trial == sid).sum() >= max(MIN_VISIBLE_AREA, MIN_VISIBLE_FRACTION * area)
-                   for sid, area in placed):
-                break
-        else:
+    for planned in plan:
+        placement = place_thing(
+            rng, ids, placed, centres, next_id, lambda: planned,
+            size_range=(14, 64), touch_prob=0.7, dist_range=(0.5, 1.0), grid=(yy, xx),
+        )
+        if placement is None:
             continue
-        ids = trial
+        cat, mask, ids, (cx, cy, size) = placement
         fill = _thing_pattern(rng, h, w)
         image[mask] = fill[mask] * 0.35  # dark outline
         inner = ndimage.binary_erosion(mask, iterations=2)
