@@ -5,7 +5,6 @@ import re
 from typing import Dict, List, Tuple
 
 from detectron2.engine import HookBase
-from detectron2.utils import comm
 
 __all__ = ["LearningCurveHook"]
 
@@ -18,8 +17,8 @@ _PQ_KEY = re.compile(r"^(?:(?P<dataset>.+)/)?panoptic_seg/(?P<metric>PQ|PQ_th|PQ
 class LearningCurveHook(HookBase):
     """After each evaluation of the trainer, record (iteration, PQ, PQ_th, PQ_st) and redraw a PNG.
 
-    Place it after Detectron2's ``EvalHook``: it reads the results that ``EvalHook`` puts into the
-    trainer's ``EventStorage``. The iteration of a point is the number of iterations trained. When
+    Place it after Detectron2's ``EvalHook``, in the main process only (it writes the file): it
+    reads the results that ``EvalHook`` puts into the trainer's ``EventStorage``. The iteration of a point is the number of iterations trained. When
     matplotlib is missing it warns once and draws nothing (the points are still recorded).
 
     Attributes:
@@ -55,8 +54,7 @@ class LearningCurveHook(HookBase):
                 continue
             series = m["metric"] if m["dataset"] is None else f"{m['dataset']}/{m['metric']}"
             self.points.setdefault(series, []).append((iteration, float(value)))
-        if comm.is_main_process():
-            self._draw()
+        self._draw()
 
     def _draw(self):
         try:
