@@ -77,3 +77,22 @@ def test_name_registered_with_other_paths_is_an_error(tmp_path):
     cfg.DATASETS.COCO_PANOPTIC = [f"toy_panoptic_val:{_dataset(tmp_path / 'three')}"]
     with pytest.raises(ValueError, match="'toy_panoptic_val' is already registered"):
         register_datasets_from_cfg(cfg)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps(CATEGORIES), "has no 'categories'"),  # a categories file instead of the dataset JSON
+    (json.dumps({"images": [], "annotations": []}), "has no 'categories'"),
+    (json.dumps({"categories": [{"id": 7, "name": "dot"}]}), "invalid 'categories'.*no 'isthing'"),
+])
+def test_unusable_json_is_named_and_registers_nothing(tmp_path, content, problem):
+    from detectron2.data import DatasetCatalog
+
+    from panoptic_segformer.data import parse_dataset_spec, register_dataset_spec
+
+    name = f"paths_bad_{tmp_path.name}"
+    spec = parse_dataset_spec(f"{name}:{_dataset(tmp_path)}")
+    (tmp_path / "p.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{name!r}: .*p.json.*{problem}"):
+        register_dataset_spec(spec)
+    assert name not in DatasetCatalog.list()

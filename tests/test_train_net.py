@@ -401,7 +401,8 @@ def test_resume_falls_back_when_the_last_checkpoint_is_truncated(tmp_path, toy_r
 # ----------------------------------------------------------------------------- datasets from paths
 def test_trains_and_evaluates_a_dataset_given_only_by_paths(tmp_path, toy_root):
     """``--dataset NAME:IMAGES:PNGS:JSON`` registers a COCO-format folder (no Python code): the
-    run trains on it, evaluates PQ on it and plots the two evaluations (TEST.LEARNING_CURVE)."""
+    run trains on it, evaluates PQ on it and plots the two evaluations (TEST.LEARNING_CURVE); the
+    saved config alone then evaluates it again with ``--eval-only``."""
     from panoptic_segformer.data.toy_dataset import generate_toy_split
 
     data = tmp_path / "mine"
@@ -417,8 +418,15 @@ def test_trains_and_evaluates_a_dataset_given_only_by_paths(tmp_path, toy_root):
     assert "Evaluation results for mine in csv format" in log
     assert len(re.findall(r"copypaste: PQ,SQ,RQ", log)) == 2, "expected evaluations after iterations 1 and 2"
     assert (out / "vis" / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    # the spec is part of the run's saved config
+    # the spec is part of the run's saved config: --eval-only with that config needs no --dataset
     assert spec in (out / "config.yaml").read_text()
+    eval_cmd = [sys.executable, str(REPO_ROOT / "train_net.py"), "--config-file", str(out / "config.yaml"),
+                "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                "OUTPUT_DIR", str(tmp_path / "eval")]
+    code, log = _run(eval_cmd, toy_root)
+    assert code == 0, log[-3000:]
+    assert "Evaluation results for mine in csv format" in log
+    assert re.search(r"copypaste: PQ,SQ,RQ", log), "evaluation did not run"
 
 
 def test_malformed_dataset_flag_is_an_error(tmp_path, toy_root):

@@ -6,7 +6,7 @@ one. :func:`register_datasets_from_cfg` registers them (categories from the JSON
 """
 import json
 import os
-from typing import List, NamedTuple
+from typing import Dict, List, NamedTuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -50,7 +50,8 @@ def register_dataset_spec(spec: PanopticDatasetSpec) -> None:
     """Register ``spec.name`` with the categories of its JSON (no-op if registered with the same paths).
 
     Raises:
-        ValueError: the name is already registered with other paths (or by another source).
+        ValueError: the name is already registered with other paths (or by another source), or
+            the JSON is not valid or has no usable ``categories`` (the message names the JSON).
     """
     if spec.name in DatasetCatalog.list():
         meta = MetadataCatalog.get(spec.name).as_dict()
@@ -62,14 +63,28 @@ def register_dataset_spec(spec: PanopticDatasetSpec) -> None:
                 f"panoptic_json = {registered}, not {tuple(spec[1:])}: choose another name"
             )
         return
-    with open(spec.panoptic_json) as f:
-        categories = json.load(f).get("categories")
+    categories = _read_categories(spec)
+    try:
+        register_panoptic_dataset(
+            spec.name, image_root=spec.image_root, panoptic_root=spec.panoptic_root,
+            panoptic_json=spec.panoptic_json, categories=categories,
+        )
+    except (KeyError, ValueError) as e:  # a category without id, name or isthing; duplicate ids
+        raise ValueError(f"dataset {spec.name!r}: {spec.panoptic_json}: invalid 'categories': {e}") from e
+
+
+def _read_categories(spec: PanopticDatasetSpec) -> List[Dict]:
+    """The ``categories`` list of ``spec.panoptic_json``; ValueError naming the file if there is none."""
+    where = f"dataset {spec.name!r}: {spec.panoptic_json}"
+    try:
+        with open(spec.panoptic_json) as f:
+            info = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from e
+    categories = info.get("categories") if isinstance(info, dict) else None
     if not categories:
-        raise ValueError(f"dataset {spec.name!r}: {spec.panoptic_json} has no 'categories'")
-    register_panoptic_dataset(
-        spec.name, image_root=spec.image_root, panoptic_root=spec.panoptic_root,
-        panoptic_json=spec.panoptic_json, categories=categories,
-    )
+        raise ValueError(f"{where} has no 'categories' (COCO panoptic: a list, each with 'isthing')")
+    return categories
 
 
 def register_datasets_from_cfg(cfg) -> List[str]:
