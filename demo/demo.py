@@ -3,6 +3,7 @@
 
     python demo/demo.py --config-file configs/R50.yaml --input img.jpg --output out.png \
         --opts MODEL.WEIGHTS model_final.pth
+    python demo/demo.py --exported export_dir --input img.jpg --output out.png   # tools/export_model.py
 
 ``--input`` takes files, glob patterns (quote them) and folders (their images, not recursive).
 An input that cannot be read, predicted, drawn or written is reported by name and skipped; the
@@ -58,7 +59,13 @@ class UsageError(Exception):
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Panoptic SegFormer demo")
     parser.add_argument(
-        "--config-file", required=True, metavar="FILE", help="path to a config file"
+        "--config-file", metavar="FILE", help="path to a config file (required unless --exported)"
+    )
+    parser.add_argument(
+        "--exported",
+        metavar="PATH",
+        help="run an exported model instead (a folder or model file written by tools/export_model.py; "
+        "panoptic view only; the export's own test resize and thresholds apply)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
@@ -153,6 +160,48 @@ def build_predictor(cfg, args) -> Predictor:
         compile=args.compile,
         channels_last=args.channels_last,
     )
+
+
+def build_exported_predictor(args) -> Predictor:
+    """A Predictor around an exported network (``--exported``): merging and drawing as the eager demo."""
+    from panoptic_segformer.export import ExportedModel
+
+    if args.view != ["panoptic"]:
+        raise UsageError("--exported models give the panoptic view only")
+    ignored = [f for f, on in (("--config-file", args.config_file), ("--opts", args.opts),
+                               ("--precision", args.precision), ("--compile", args.compile),
+                               ("--channels-last", args.channels_last)) if on]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} cannot be used with --exported (the export fixes them)")
+    try:
+        model = ExportedModel(args.exported, device=args.device or "cpu")
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--exported {args.exported}: {e}") from e
+    if args.confidence_threshold is not None:
+        model.meta["merge"].update(
+            thing_score_thresh=args.confidence_threshold, stuff_score_thresh=args.confidence_threshold
+        )
+    meta = model.meta
+    logger.info(f"exported model: {model.file} ({meta['format']})")
+    return Predictor(
+        model=model,
+        metadata=model.metadata(),
+        min_size_test=meta["min_size_test"],
+        max_size_test=meta["max_size_test"],
+        model_input_format=meta["input_format"],
+        batch_size=args.batch_size,
+    )
+
+
+def make_predictor(args):
+    """(predictor, instance score threshold) from --exported or from --config-file."""
+    if args.exported:
+        predictor = build_exported_predictor(args)
+        return predictor, predictor.model.meta["merge"]["thing_score_thresh"]
+    if not args.config_file:
+        raise UsageError("--config-file is required (or --exported)")
+    cfg = setup_cfg(args)
+    return build_predictor(cfg, args), instance_score_thresh(cfg)
 
 
 def instance_score_thresh(cfg) -> float:
@@ -428,9 +477,8 @@ def main(argv=None) -> int:
                 logger.error(f"no input file found for {pattern}")
             if not paths:
                 raise UsageError("no input image found")
-            cfg = setup_cfg(args)
-            predictor = build_predictor(cfg, args)
-            failed = missing + run_on_images(predictor, paths, args, instance_score_thresh(cfg))
+            predictor, score_thresh = make_predictor(args)
+            failed = missing + run_on_images(predictor, paths, args, score_thresh)
             if failed:
                 logger.error(f"{len(failed)} input(s) failed: {', '.join(failed)}")
             return 1 if failed else 0
@@ -439,14 +487,9 @@ def main(argv=None) -> int:
         if not capture.isOpened():
             logger.error(f"cannot open {name}")
             return 1
-        cfg = setup_cfg(args)
-        predictor = build_predictor(cfg, args)
         try:
-            return (
-                0
-                if run_on_stream(predictor, capture, name, args, instance_score_thresh(cfg))
-                else 1
-            )
+            predictor, score_thresh = make_predictor(args)
+            return 0 if run_on_stream(predictor, capture, name, args, score_thresh) else 1
         finally:
             capture.release()
             if args.output is None:

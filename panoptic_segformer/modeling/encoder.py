@@ -30,7 +30,7 @@ def encoder_reference_points(spatial_shapes, valid_ratios, num_tokens=None):
         num_tokens = int(sizes.sum())
     token = torch.arange(num_tokens, device=device)
     starts = sizes.cumsum(0) - sizes
-    level = torch.searchsorted(starts, token, right=True) - 1  # (S,)
+    level = (token[:, None] >= starts[None, :]).sum(1) - 1  # (S,); no searchsorted: ONNX has none
     local = token - starts[level]
     width = spatial_shapes[level, 1]
     hw = spatial_shapes[level].to(dtype)  # (S, 2) as (H, W)

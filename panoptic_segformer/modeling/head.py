@@ -145,8 +145,8 @@ class PanopticSegFormerHead(nn.Module):
         Returns:
             dict with memory (B, S, C), spatial_shapes (L, 2) int64 (H_l, W_l),
             level_start_index (L,) int64, valid_ratios (B, L, 2) float32 (w ratio, h ratio),
-            padding_mask (B, S) bool, valid_sizes (B, L, 2), num_mask_tokens (int, tokens of the
-            3 finest levels).
+            padding_mask (B, S) bool, valid_sizes (B, L, 2), level_shapes (the L (H_l, W_l) as
+            ints, symbolic under torch.export), num_mask_tokens (int, tokens of the 3 finest levels).
         """
         if len(features) != self.num_levels or len(masks) != self.num_levels:
             raise ValueError(
@@ -163,7 +163,10 @@ class PanopticSegFormerHead(nn.Module):
             pads.append(m.flatten(1))
         src, pos, padding_mask = torch.cat(srcs, 1), torch.cat(poses, 1), torch.cat(pads, 1)
         shapes = [tuple(x.shape[-2:]) for x in features]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        # from scalars, not torch.as_tensor(shapes): under torch.export the sizes stay symbolic
+        spatial_shapes = torch.stack(
+            [torch.scalar_tensor(v, dtype=torch.long, device=src.device) for hw in shapes for v in hw]
+        ).view(-1, 2)
         level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
         valid_sizes = valid_sizes.to(src.device)
         # (B, L, 2): valid (w, h) over padded (W_l, H_l), float32 even under autocast
@@ -176,6 +179,7 @@ class PanopticSegFormerHead(nn.Module):
             "valid_ratios": valid_ratios,
             "padding_mask": padding_mask,
             "valid_sizes": valid_sizes,
+            "level_shapes": shapes,
             "num_mask_tokens": sum(h * w for h, w in shapes[:NUM_MASK_LEVELS]),
         }
 
@@ -208,7 +212,7 @@ class PanopticSegFormerHead(nn.Module):
         n3 = enc["num_mask_tokens"]
         memory = enc["memory"][:, :n3]
         memory_padding_mask = enc["padding_mask"][:, :n3]
-        spatial_shapes = enc["spatial_shapes"][:NUM_MASK_LEVELS]
+        spatial_shapes = enc["level_shapes"][:NUM_MASK_LEVELS]
         valid_sizes = enc["valid_sizes"][:, :NUM_MASK_LEVELS]
         thing_out = self.thing_mask_decoder(
             thing_queries, None, memory, spatial_shapes, valid_sizes, memory_padding_mask, thing_query_mask

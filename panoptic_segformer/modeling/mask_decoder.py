@@ -245,9 +245,11 @@ class MaskDecoder(nn.Module):
 
     def _geometry(self, memory, spatial_shapes, valid_sizes, memory_padding_mask):
         b, s, _ = memory.shape
-        if not isinstance(spatial_shapes, torch.Tensor) or tuple(spatial_shapes.shape) != (self.n_levels, 2):
+        # a tensor, or (H, W) pairs of ints (symbolic sizes under torch.export, no data read)
+        sizes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
+        if len(sizes) != self.n_levels or any(not isinstance(hw, (tuple, list)) or len(hw) != 2 for hw in sizes):
             raise ValueError(f"spatial_shapes must be ({self.n_levels}, 2), got {spatial_shapes!r}")
-        sizes = [tuple(hw) for hw in spatial_shapes.tolist()]
+        sizes = [tuple(hw) for hw in sizes]
         if sum(hl * wl for hl, wl in sizes) != s:
             raise ValueError(f"memory has {s} tokens but spatial_shapes {sizes} give {sum(h * w for h, w in sizes)}")
         if memory_padding_mask is not None and (
@@ -286,7 +288,8 @@ class MaskDecoder(nn.Module):
             query: (B, N, C).
             query_pos: (B, N, C) or None.
             memory: (B, S, C) encoder memory of the ``n_levels`` finest levels, finest first.
-            spatial_shapes: (n_levels, 2) int64 (H_l, W_l) of the padded levels.
+            spatial_shapes: (n_levels, 2) int64 (H_l, W_l) of the padded levels, as a tensor or
+                as a sequence of (H_l, W_l) ints.
             valid_sizes: (B, n_levels, 2) int64 valid (h, w) per level and image, or None
                 (nothing padded).
             memory_padding_mask: (B, S) bool, True = padded token, or None.

@@ -18,9 +18,61 @@ score threshold.
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mask_wise_merging"]
+__all__ = ["mask_wise_merging", "merge_candidates", "resize_masks"]
+
+# exact candidate pre-filter slack against float rounding of bilinear resizing (merge_candidates)
+_PREFILTER_SLACK = 1e-4
+
+
+def resize_masks(masks: Tensor, size) -> Tensor:
+    """(N, h, w) -> (N, *size), bilinear, align_corners=False; empty N allowed."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros(0, *size)
+    return F.interpolate(masks[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def merge_candidates(
+    masks: Tensor,
+    labels: Tensor,
+    probs: Tensor,
+    is_thing: Tensor,
+    out_size: Tuple[int, int],
+    *,
+    mask_threshold: float = 0.5,
+    thing_score_thresh: float = 0.25,
+    stuff_score_thresh: float = 0.25,
+    **overlap_thresholds,
+) -> Tuple[Tensor, List[Dict]]:
+    """Resize the stride-8 candidates of one image to ``out_size`` and merge them (SPEC §6).
+
+    The eager model and the runner of exported models (:mod:`panoptic_segformer.export`) both
+    end with this. Candidates that cannot pass are dropped before resizing, which leaves the
+    result unchanged: bilinear resizing is a convex combination, so a resized mask never exceeds
+    the max m of its stride-8 map; its quality q is below m, so its score p * q**2 is below
+    p * m**2 and its area is empty when m <= mask_threshold.
+
+    Args:
+        masks: (N, h8, w8) raw masks of the valid stride-8 area of the image.
+        labels: (N,) contiguous ids; probs: (N,) class probabilities; is_thing: (N,) bool.
+        out_size: (height, width) of the id map.
+        the thresholds: as :func:`mask_wise_merging` (``thing_overlap_thresh``,
+            ``stuff_overlap_thresh`` passed on).
+
+    Returns:
+        (int32 (height, width) id map, segments_info), as :func:`mask_wise_merging`.
+    """
+    peak = masks.flatten(1).amax(1) if masks.numel() else masks.new_zeros(len(masks))
+    thresh = torch.where(is_thing, thing_score_thresh, stuff_score_thresh)
+    keep = (peak > mask_threshold) & (probs * peak.square() * (1 + _PREFILTER_SLACK) >= thresh)
+    keep = keep.nonzero().squeeze(1)
+    return mask_wise_merging(
+        resize_masks(masks[keep], out_size), labels[keep], probs[keep], is_thing[keep],
+        mask_threshold=mask_threshold, thing_score_thresh=thing_score_thresh,
+        stuff_score_thresh=stuff_score_thresh, **overlap_thresholds,
+    )
 
 
 def mask_wise_merging(

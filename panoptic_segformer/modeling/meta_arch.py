@@ -39,15 +39,11 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from ..config import check_panoptic_segformer_config
 from .criterion import PanopticSegFormerCriterion
 from .head import PanopticSegFormerHead
-from .merging import mask_wise_merging
+from .merging import merge_candidates, resize_masks
 from .neck import ChannelMapper
 from .precision import autocast, check_precision, precision_dtype
 
 __all__ = ["PanopticSegFormer", "thing_stuff_ids_from_metadata"]
-
-# exact candidate pre-filter slack against float rounding of bilinear resizing (see _merge)
-_PREFILTER_SLACK = 1e-4
-
 
 def thing_stuff_ids_from_metadata(metadata) -> Tuple[List[int], List[int]]:
     """Contiguous ids of the thing and the stuff classes, each sorted ascending.
@@ -326,7 +322,8 @@ class PanopticSegFormer(nn.Module):
         """Padding masks of every level from the valid image sizes (interface D).
 
         Args:
-            image_sizes: B valid (h, w) of the input images.
+            image_sizes: B valid (h, w) of the input images, as pairs of ints or a (B, 2)
+                int64 tensor (the exported network's input, see :mod:`panoptic_segformer.export`).
             level_shapes: L padded (H_l, W_l); the strides of the levels are the backbone
                 strides followed by successive doublings (extra levels).
 
@@ -337,11 +334,8 @@ class PanopticSegFormer(nn.Module):
         strides = list(self.backbone_strides)
         while len(strides) < len(level_shapes):
             strides.append(strides[-1] * 2)
-        valid = torch.as_tensor(
-            [[(math.ceil(h / s), math.ceil(w / s)) for s in strides] for h, w in image_sizes],
-            dtype=torch.long,
-            device=self.device,
-        )
+        sizes = torch.as_tensor(image_sizes, dtype=torch.long, device=self.device).view(-1, 2)
+        valid = torch.stack([torch.div(sizes + (s - 1), s, rounding_mode="floor") for s in strides], 1)
         masks = []
         for lvl, (hl, wl) in enumerate(level_shapes):
             rows = torch.arange(hl, device=self.device)
@@ -356,7 +350,7 @@ class PanopticSegFormer(nn.Module):
         level_shapes = [tuple(f.shape[-2:]) for f in features]
         while len(level_shapes) < self.head.num_levels:
             h, w = level_shapes[-1]
-            level_shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+            level_shapes.append(((h + 1) // 2, (w + 1) // 2))  # ceil, also for symbolic sizes
         masks, valid_sizes = self.level_masks(image_sizes, level_shapes)
         feats = self.neck(features, masks)
         return self.head.encode(feats, masks, valid_sizes)
@@ -451,9 +445,37 @@ class PanopticSegFormer(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def _inference(self, loc: Dict, enc: Dict, batched_inputs, image_sizes) -> List[Dict]:
-        """Top-k thing candidates + all stuff queries through the mask decoders, then per-image merging.
+        """Thing and stuff candidates (:meth:`_candidates`), then per-image post-processing."""
+        c = self._candidates(loc, enc)
+        k = c["thing_scores"].shape[1]
+        s0 = self.backbone_strides[0]  # the mask decoders' stride
+        results = []
+        for i, x in enumerate(batched_inputs):
+            h, w = image_sizes[i]
+            h8, w8 = math.ceil(h / s0), math.ceil(w / s0)
+            height, width = x.get("height", h), x.get("width", w)
+            results.append(
+                self._postprocess(
+                    torch.cat([c["thing_masks"][i], c["stuff_masks"][i]])[:, :h8, :w8],
+                    torch.cat([c["thing_labels"][i], self.stuff_ids]),
+                    torch.cat([c["thing_scores"][i], c["stuff_scores"][i]]),
+                    k,
+                    c["thing_boxes"][i],
+                    (height, width),
+                )
+            )
+        return results
+
+    def _candidates(self, loc: Dict, enc: Dict) -> Dict[str, torch.Tensor]:
+        """Top-k thing candidates and all stuff queries through the mask decoders (SPEC §6 steps 1-4).
 
         The network outputs are cast to float32 first: top-k, resizing and merging run in float32.
+
+        Returns:
+            dict of float32 tensors of the padded batch (H8, W8 = the stride-8 level):
+            thing_masks (B, k, H8, W8) raw, thing_scores (B, k) descending, thing_labels (B, k)
+            contiguous ids (int64), thing_boxes (B, k, 4) normalised (cx, cy, w, h),
+            stuff_masks (B, K_st, H8, W8) raw and stuff_scores (B, K_st) (class ``stuff_ids``).
         """
         logits = _fp32(loc["pred_logits"][-1])  # (B, Q, K_th)
         b, _, k_th = logits.shape
@@ -469,27 +491,18 @@ class PanopticSegFormer(nn.Module):
         thing_masks = _fp32(out["thing_out"]["masks"])  # (B, k, H8, W8)
         if out["stuff_out"] is None:  # no stuff classes
             stuff_masks = thing_masks.new_zeros(b, 0, *thing_masks.shape[-2:])
-            stuff_probs = top_scores.new_zeros(b, 0)
+            stuff_scores = top_scores.new_zeros(b, 0)
         else:
             stuff_masks = _fp32(out["stuff_out"]["masks"])  # (B, K_st, H8, W8)
-            stuff_probs = _fp32(out["stuff_logits"][-1]).sigmoid()  # (B, K_st)
-        s0 = self.backbone_strides[0]  # the mask decoders' stride
-        results = []
-        for i, x in enumerate(batched_inputs):
-            h, w = image_sizes[i]
-            h8, w8 = math.ceil(h / s0), math.ceil(w / s0)
-            height, width = x.get("height", h), x.get("width", w)
-            results.append(
-                self._postprocess(
-                    torch.cat([thing_masks[i], stuff_masks[i]])[:, :h8, :w8],
-                    torch.cat([self.thing_ids[thing_labels[i]], self.stuff_ids]),
-                    torch.cat([top_scores[i], stuff_probs[i]]),
-                    k,
-                    thing_boxes[i],
-                    (height, width),
-                )
-            )
-        return results
+            stuff_scores = _fp32(out["stuff_logits"][-1]).sigmoid()  # (B, K_st)
+        return {
+            "thing_masks": thing_masks,
+            "thing_scores": top_scores,
+            "thing_labels": self.thing_ids[thing_labels],
+            "thing_boxes": thing_boxes,
+            "stuff_masks": stuff_masks,
+            "stuff_scores": stuff_scores,
+        }
 
     def _postprocess(self, masks, labels, probs, num_things, thing_boxes, out_size) -> Dict:
         """Outputs of one image.
@@ -513,7 +526,7 @@ class PanopticSegFormer(nn.Module):
         if self.panoptic_on:
             result["panoptic_seg"] = self._merge(masks, labels, probs, is_thing, out_size)
         if self.instance_on:
-            tm = _resize(masks[:num_things], out_size)
+            tm = resize_masks(masks[:num_things], out_size)
             binary = tm > self.mask_threshold
             quality = (tm * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1)
             inst = Instances(out_size)
@@ -530,30 +543,17 @@ class PanopticSegFormer(nn.Module):
             weighted = probs[:, None, None] * masks.clamp(0, 1)  # (N, h8, w8)
             sem = weighted.new_zeros(self.num_classes, *masks.shape[-2:])
             sem.scatter_reduce_(0, labels[:, None, None].expand_as(weighted), weighted, "amax")
-            result["sem_seg"] = _resize(sem, out_size)
+            result["sem_seg"] = resize_masks(sem, out_size)
         return result
 
     def _merge(self, masks, labels, probs, is_thing, out_size):
-        """Mask-wise merging (SPEC §6) at the output size.
-
-        Candidates that cannot pass are dropped before resizing, which leaves the result
-        unchanged: bilinear resizing is a convex combination, so a resized mask never exceeds the
-        max m of its stride-8 map; its quality q is below m, so its score p * q**2 is below p * m**2
-        and its area is empty when m <= mask_threshold.
+        """Mask-wise merging (SPEC §6) at the output size: :func:`merge_candidates`.
 
         Args:
             masks: (N, h8, w8) raw masks of the valid stride-8 area; labels, probs, is_thing: (N,).
             out_size: (height, width) of the id map.
         """
-        peak = masks.flatten(1).amax(1) if masks.numel() else masks.new_zeros(len(masks))
-        thresh = torch.where(
-            is_thing, self.merge_kwargs["thing_score_thresh"], self.merge_kwargs["stuff_score_thresh"]
-        )
-        keep = (peak > self.mask_threshold) & (probs * peak.square() * (1 + _PREFILTER_SLACK) >= thresh)
-        keep = keep.nonzero().squeeze(1)
-        return mask_wise_merging(
-            _resize(masks[keep], out_size), labels[keep], probs[keep], is_thing[keep], **self.merge_kwargs
-        )
+        return merge_candidates(masks, labels, probs, is_thing, out_size, **self.merge_kwargs)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -567,10 +567,3 @@ def _ceil_to(x: int, d: int) -> int:
 
 def _ceil_div(x: int, d: int) -> int:
     return (x + d - 1) // d
-
-
-def _resize(masks: torch.Tensor, size) -> torch.Tensor:
-    """(N, h, w) -> (N, *size), bilinear, align_corners=False; empty N allowed."""
-    if masks.shape[0] == 0:
-        return masks.new_zeros(0, *size)
-    return F.interpolate(masks[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
