@@ -64,17 +64,17 @@ def test_config_key_reaches_the_model():
 
 
 def _spy_merging(monkeypatch):
-    """Record the dtypes of every mask_wise_merging call of the meta-arch."""
-    from panoptic_segformer.modeling import meta_arch
+    """Record the dtypes of every mask_wise_merging call (the meta-arch merges through merge_candidates)."""
+    from panoptic_segformer.modeling import merging
 
     calls = []
-    original = meta_arch.mask_wise_merging
+    original = merging.mask_wise_merging
 
     def spy(masks, labels, probs, is_thing, **kwargs):
         calls.append((masks.dtype, probs.dtype))
         return original(masks, labels, probs, is_thing, **kwargs)
 
-    monkeypatch.setattr(meta_arch, "mask_wise_merging", spy)
+    monkeypatch.setattr(merging, "mask_wise_merging", spy)
     return calls
 
 
