@@ -107,6 +107,7 @@ def test_export_gives_the_eager_panoptic_result_at_two_sizes_and_batch_sizes(fmt
 @pytest.mark.parametrize("fmt", ["torch_export", "onnx", "aoti"])
 def test_exported_candidates_match_eager_within_tolerance(fmt, trained, tmp_path_factory):
     from panoptic_segformer.export import OUTPUT_NAMES, ExportableNetwork, ExportedModel
+    from panoptic_segformer.export.runtime import normalise_and_pad
 
     model, predictor, _ = trained
     exported = ExportedModel(_export(fmt, trained, tmp_path_factory))
@@ -115,12 +116,7 @@ def test_exported_candidates_match_eager_within_tolerance(fmt, trained, tmp_path
         images = [x["image"] for x in batch]
         got, sizes = exported.run_network(images)
         # eager on the identical padded input
-        d = model.size_divisibility
-        h = max(-(-im.shape[1] // d) * d for im in images)
-        w = max(-(-im.shape[2] // d) * d for im in images)
-        x = torch.zeros(len(images), 3, h, w)
-        for i, im in enumerate(images):
-            x[i, :, : im.shape[1], : im.shape[2]] = (im.float() - model.pixel_mean) * model._pixel_inv_std
+        x, _ = normalise_and_pad(images, model.pixel_mean, model._pixel_inv_std, model.size_divisibility)
         with torch.no_grad():
             ref = dict(zip(OUTPUT_NAMES, ExportableNetwork(model)(x, sizes)))
         for name in OUTPUT_NAMES:

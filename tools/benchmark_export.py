@@ -31,6 +31,7 @@ from panoptic_segformer import data  # noqa: E402,F401
 from panoptic_segformer.config import get_panoptic_segformer_cfg  # noqa: E402
 from panoptic_segformer.export import FORMATS, ExportableNetwork, ExportedModel, export_model  # noqa: E402
 from panoptic_segformer.export.exporter import META_FILE  # noqa: E402
+from panoptic_segformer.export.runtime import normalise_and_pad  # noqa: E402
 from panoptic_segformer.predictor import load_weights  # noqa: E402
 
 
@@ -82,11 +83,9 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     image = torch.randint(0, 256, (3, args.height, args.width), dtype=torch.uint8, generator=gen)
     inputs = [{"image": image} for _ in range(args.batch_size)]
-    d = model.size_divisibility
-    h, w = -(-args.height // d) * d, -(-args.width // d) * d
-    batch = torch.zeros(args.batch_size, 3, h, w)
-    batch[:, :, : args.height, : args.width] = (image.float() - model.pixel_mean) * model._pixel_inv_std
-    sizes = torch.tensor([[args.height, args.width]] * args.batch_size)
+    batch, sizes = normalise_and_pad([image] * args.batch_size, model.pixel_mean, model._pixel_inv_std,
+                                     model.size_divisibility)
+    h, w = batch.shape[-2:]
 
     times = {name: {"network": [], "call": []} for name in variants}
     with torch.no_grad():

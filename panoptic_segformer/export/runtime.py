@@ -21,7 +21,7 @@ from ..modeling.merging import merge_candidates
 from .exporter import FORMATS, META_FILE
 from .network import INPUT_NAMES, OUTPUT_NAMES
 
-__all__ = ["ExportedModel", "load_network", "merge_outputs", "read_export_meta"]
+__all__ = ["ExportedModel", "load_network", "merge_outputs", "normalise_and_pad", "read_export_meta"]
 
 
 def read_export_meta(path: str) -> Tuple[Dict, str]:
@@ -66,6 +66,19 @@ def load_network(file: str, fmt: str, device: str = "cpu") -> Callable:
         return tuple(torch.from_numpy(o).to(images.device) for o in outs)
 
     return run
+
+
+def normalise_and_pad(images: Sequence[torch.Tensor], pixel_mean, pixel_inv_std, divisor: int):
+    """The network input of ``images`` (3, h, w) 0-255: ((B, 3, H, W) float32 normalised as the
+    eager model, zero-padded to multiples of ``divisor``, on the device of ``pixel_mean``;
+    (B, 2) int64 valid sizes on the CPU)."""
+    sizes = torch.tensor([tuple(img.shape[-2:]) for img in images], dtype=torch.long)
+    h, w = (int(-(-sizes[:, i].max() // divisor) * divisor) for i in (0, 1))
+    batch = torch.zeros(len(images), 3, h, w, device=pixel_mean.device)
+    for i, img in enumerate(images):
+        x = (img.to(pixel_mean.device).float() - pixel_mean) * pixel_inv_std
+        batch[i, :, : x.shape[1], : x.shape[2]] = x
+    return batch, sizes
 
 
 def merge_outputs(outputs: Dict[str, torch.Tensor], index: int, image_size, out_size, meta: Dict):
@@ -117,13 +130,9 @@ class ExportedModel:
 
         Returns ({output name: tensor}, (B, 2) int64 valid sizes).
         """
-        d = self.meta["size_divisibility"]
-        sizes = torch.tensor([tuple(img.shape[-2:]) for img in images], dtype=torch.long)
-        h, w = (int(-(-sizes[:, i].max() // d) * d) for i in (0, 1))
-        batch = torch.zeros(len(images), 3, h, w, device=self.device)
-        for i, img in enumerate(images):
-            x = (img.to(self.device).float() - self.pixel_mean) * self.pixel_inv_std
-            batch[i, :, : x.shape[1], : x.shape[2]] = x
+        batch, sizes = normalise_and_pad(
+            images, self.pixel_mean, self.pixel_inv_std, self.meta["size_divisibility"]
+        )
         outs = self.network(batch, sizes.to(self.device))
         return dict(zip(OUTPUT_NAMES, outs)), sizes
 
