@@ -18,6 +18,7 @@ dataset's area terciles) and ends with the confusion matrix of the named class. 
 writes the figures to a file.
 """
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -30,8 +31,10 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+if importlib.util.find_spec("panoptic_segformer") is None:  # run from a checkout, not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from panoptic_segformer.config import get_panoptic_segformer_cfg  # noqa: E402
+from panoptic_segformer.data import register_datasets_from_cfg  # noqa: E402
 from panoptic_segformer.data.panoptic_dataset_mapper import read_image_file  # noqa: E402
 from panoptic_segformer.predictor import Predictor  # noqa: E402
 
@@ -152,7 +155,7 @@ def main(argv=None) -> Dict:
     args = get_parser().parse_args(argv)
     setup_logger(name="panoptic_segformer")
     cfg = get_panoptic_segformer_cfg(args.config_file, args.opts + ["MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "True"])
-    import panoptic_segformer.data  # noqa: F401  (registers the toy and sample datasets)
+    register_datasets_from_cfg(cfg)  # datasets given by paths (DATASETS.COCO_PANOPTIC), as train_net
 
     name = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     if not name:

@@ -46,9 +46,7 @@ def main(argv=None) -> str:
     args = get_parser().parse_args(argv)
     setup_logger(name="panoptic_segformer")
     cfg = get_panoptic_segformer_cfg(args.config_file, args.opts)
-    import panoptic_segformer.data  # noqa: F401  (registers the toy and sample datasets)
-
-    register_datasets_from_cfg(cfg)
+    register_datasets_from_cfg(cfg)  # datasets given by paths; importing .data registered the toy ones
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)
     state = pretrain_backbone(cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=cfg.SEED)
