@@ -35,7 +35,7 @@ if importlib.util.find_spec("panoptic_segformer") is None:  # run from a checkou
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from panoptic_segformer.config import get_panoptic_segformer_cfg  # noqa: E402
 from panoptic_segformer.data import register_datasets_from_cfg  # noqa: E402
-from panoptic_segformer.data.panoptic_dataset_mapper import read_image_file  # noqa: E402
+from panoptic_segformer.data.panoptic_dataset_mapper import read_image_file, rgb2id  # noqa: E402
 from panoptic_segformer.predictor import Predictor  # noqa: E402
 
 logger = logging.getLogger("panoptic_segformer.diagnose_things")
@@ -64,7 +64,7 @@ def match_things(gt_masks: torch.Tensor, gt_labels: torch.Tensor, masks: torch.T
     iou = inter / union.clamp(min=1)
     records = []
     for i in range(g):
-        found = iou[i] >= iou_thresh if n else torch.zeros(0, dtype=torch.bool)
+        found = iou[i] >= iou_thresh  # (N,), empty without candidates
         same = labels == gt_labels[i]
         named_label = int(labels[torch.where(found, scores, scores.new_tensor(-float("inf"))).argmax()]) if found.any() else -1
         records.append({
@@ -131,10 +131,8 @@ def format_report(summary: Dict) -> str:
 
 
 def _gt_things(record: Dict):
-    from PIL import Image
-
-    rgb = np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB"), dtype=np.int64)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    """(G, H, W) bool masks and (G,) contiguous ids of the non-crowd things of a dataset dict."""
+    ids = rgb2id(read_image_file(record["pan_seg_file_name"], "RGB", what="panoptic PNG"))
     segs = [s for s in record["segments_info"] if s.get("isthing") and not s.get("iscrowd", 0)]
     masks = torch.from_numpy(np.stack([ids == s["id"] for s in segs])) if segs else torch.zeros(0, *ids.shape, dtype=torch.bool)
     return masks, torch.tensor([s["category_id"] for s in segs], dtype=torch.int64)

@@ -34,6 +34,7 @@ __all__ = [
     "build_lsj_augmentation",
     "PanopticDatasetMapper",
     "read_image_file",
+    "rgb2id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def read_image_file(file_name: str, image_format: str, what: str = "image", max_
         raise OSError(f"cannot read {what} file {file_name}: {type(e).__name__}: {e}") from e
 
 
-def _rgb2id(rgb: np.ndarray) -> np.ndarray:
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
     """(h, w, 3) uint8 panoptic PNG → (h, w) int64 segment ids (COCO: R + 256 G + 256² B)."""
     rgb = rgb.astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
@@ -210,7 +211,7 @@ class PanopticDatasetMapper:
                 f"panoptic PNG {pan_file} has size {pan_rgb.shape[:2]} but image "
                 f"{dataset_dict['file_name']} has size {(dataset_dict['height'], dataset_dict['width'])}"
             )
-        pan = _rgb2id(transforms.apply_segmentation(pan_rgb))
+        pan = rgb2id(transforms.apply_segmentation(pan_rgb))
 
         segments = [s for s in dataset_dict["segments_info"] if not s.get("iscrowd", 0)]
         h, w = image.shape[:2]
